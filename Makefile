@@ -1,0 +1,39 @@
+# The two commands a newcomer needs: `make run` and `make test`. Everything else supports them.
+PY      ?= python3.11
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+PRESET  ?= tiny
+ARGS    ?=
+
+.PHONY: install run test test-all services-up services-down bench clean
+
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+$(BIN)/flywheel: pyproject.toml requirements.txt requirements-dev.txt constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -r requirements.txt -r requirements-dev.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+install: $(BIN)/flywheel
+
+run: install
+	$(BIN)/flywheel run --preset $(PRESET) $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q $(ARGS)
+
+services-up: install
+	$(BIN)/flywheel services up
+
+services-down:
+	$(BIN)/flywheel services down
+
+bench: install
+	$(BIN)/python benchmarks/platform_tax.py
+	$(BIN)/python benchmarks/learning.py
+
+clean:
+	-$(BIN)/flywheel services down
+	rm -rf .flywheel

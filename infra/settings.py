@@ -1,0 +1,95 @@
+"""Where state lives and which services to talk to: read from the environment, never hard-coded.
+
+Scale-out is a matter of settings: `PREFECT_API_URL`, `MLFLOW_TRACKING_URI`, `RAY_ADDRESS` point at
+real servers/clusters; `FLYWHEEL_HOME` moves the state root; `FLYWHEEL_DVC_REMOTE` names a DVC
+remote URL (default: a directory under the state root).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Every process the platform starts gets these: no telemetry, no hub downloads, no state in $HOME.
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "DO_NOT_TRACK": "1",
+    "GRADIO_ANALYTICS_ENABLED": "False",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TQDM_PATCH_PRINT": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "MLFLOW_ENABLE_TELEMETRY": "false",
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+    "GIT_PYTHON_REFRESH": "quiet",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path  # the state root: servers' databases, run outputs, DVC remote, logs
+    repo_root: Path  # the git + DVC workspace holding data/
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.home / "runs"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def services_dir(self) -> Path:
+        return self.home / "services"
+
+    @property
+    def dvc_remote(self) -> str:
+        return os.environ.get("FLYWHEEL_DVC_REMOTE") or str(self.home / "dvc-remote")
+
+    @property
+    def prefect_api_url(self) -> str | None:
+        return os.environ.get("PREFECT_API_URL") or None
+
+    @property
+    def mlflow_tracking_uri(self) -> str | None:
+        return os.environ.get("MLFLOW_TRACKING_URI") or None
+
+    @property
+    def ray_address(self) -> str | None:
+        return os.environ.get("RAY_ADDRESS") or None
+
+    @property
+    def ray_temp_dir(self) -> Path:
+        # Ray's socket paths must stay under ~107 bytes: keep this short, outside a deep state root.
+        return Path(os.environ.get("FLYWHEEL_RAY_TMP", "/tmp/flywheel-ray"))
+
+
+def load_settings() -> Settings:
+    home = Path(os.environ.get("FLYWHEEL_HOME", REPO_ROOT / ".flywheel")).resolve()
+    repo = Path(os.environ.get("FLYWHEEL_REPO", REPO_ROOT)).resolve()
+    return Settings(home=home, repo_root=repo)
+
+
+def apply_offline_env(settings: Settings | None = None) -> dict[str, str]:
+    """Set the offline/no-telemetry environment in this process (children inherit it)."""
+    s = settings or load_settings()
+    env = dict(OFFLINE_ENV)
+    env.update({
+        "PREFECT_HOME": str(s.home / "prefect"),
+        "DVC_SITE_CACHE_DIR": str(s.home / "dvc" / "site-cache"),
+        "DVC_GLOBAL_CONFIG_DIR": str(s.home / "dvc" / "global"),
+        "DVC_SYSTEM_CONFIG_DIR": str(s.home / "dvc" / "system"),
+        "MPLCONFIGDIR": str(s.home / "matplotlib"),
+    })
+    for k, v in env.items():
+        os.environ.setdefault(k, v)
+    return env
