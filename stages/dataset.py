@@ -8,6 +8,7 @@ renamed into place last, so a reader never sees half a dataset.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -84,3 +85,9 @@ def read_dataset(path: Path, sources: Iterable[str] | None = None) -> pd.DataFra
 
 def meta_of(row: Any) -> dict[str, Any]:
     return json.loads(row["meta"]) if row["meta"] else {}
+
+
+def is_heldout(record_id: str, fraction: float) -> bool:
+    """Stable train/held-out split by id (same answer in every process and every run)."""
+    digest = hashlib.blake2b(record_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < fraction

@@ -1,0 +1,135 @@
+"""Direct Preference Optimization against a frozen copy of the starting policy.
+
+    flywheel stage dpo dataset=data/clean policy=<sft checkpoint> output_dir=/tmp/dpo beta=0.1
+
+Pairs come from `pairs` (JSONL or Parquet with prompt, chosen, rejected: the human labels of the
+annotation page) or, by default, are synthesised from the arithmetic train split: the chosen answer
+is correct and well formatted, the rejected one is wrong or unformatted.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from stages import checkpoint as ckpt
+from stages.chat import load_problems, prompt_and_response
+from stages.config import to_dict
+from stages.plots import plot_curves
+from stages.rollout import pad_right, token_logprobs
+from stages.tasks.arithmetic import Problem, target
+from stages.tracking import NullTracker, Tracker
+from stages.train_loop import TrainConfig, pick_device, train
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPOConfig:
+    policy: Path
+    output_dir: Path
+    dataset: Path | None = None  # arithmetic problems for synthetic pairs
+    pairs: Path | None = None  # prompt/chosen/rejected records; replaces the synthetic pairs
+    beta: float = 0.1
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=50, lr=2e-4, warmup_steps=5))
+    batch_size: int = 8
+    lineage: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.dataset is None and self.pairs is None:
+            raise ValueError("dpo: set `dataset` (synthetic pairs) or `pairs` (a preference file)")
+        if self.beta <= 0:
+            raise ValueError(f"dpo.beta must be > 0, got {self.beta}")
+
+
+@dataclass(frozen=True)
+class DPOResult:
+    checkpoint: Path
+    metrics: dict[str, float]
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sigmoid DPO loss from summed response log-probs; returns (mean loss, chosen rewards, rejected rewards).
+
+    >>> t = torch.tensor
+    >>> loss, _, _ = dpo_loss(t([0.0]), t([0.0]), t([0.0]), t([0.0]), beta=0.1)
+    >>> round(loss.item(), 4)  # log 2: no preference yet
+    0.6931
+    """
+    chosen_reward = beta * (policy_chosen - ref_chosen)
+    rejected_reward = beta * (policy_rejected - ref_rejected)
+    loss = -F.logsigmoid(chosen_reward - rejected_reward).mean()
+    return loss, chosen_reward.detach(), rejected_reward.detach()
+
+
+def synthetic_pairs(problems: list[Problem], seed: int) -> list[dict[str, str]]:
+    """One pair per problem: the correct, formatted answer against a plausible bad one."""
+    rng = random.Random(seed)
+    pairs = []
+    for p in problems:
+        wrong = p.answer + rng.choice([-2, -1, 1, 2, 10])
+        rejected = rng.choice([
+            f"<think>{p.reasoning.rsplit('=', 1)[0]}= {wrong}</think> <answer>{wrong}</answer>",  # wrong sum
+            f"{p.answer}",  # right number, no format
+            f"<answer>{wrong}</answer>",  # no reasoning, wrong
+        ])
+        pairs.append({"prompt": p.question, "chosen": target(p), "rejected": rejected})
+    return pairs
+
+
+def load_pairs(path: Path) -> list[dict[str, str]]:
+    df = pd.read_parquet(path) if Path(path).suffix == ".parquet" else pd.read_json(path, lines=True)
+    missing = {"prompt", "chosen", "rejected"} - set(df.columns)
+    if missing:
+        raise ValueError(f"{path}: preference pairs need columns prompt, chosen, rejected; missing {sorted(missing)}")
+    return df[["prompt", "chosen", "rejected"]].to_dict("records")
+
+
+def summed_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of log-probs of the response tokens (mask marks them) per row."""
+    return (token_logprobs(model, ids, attn) * mask[:, 1:]).sum(-1)
+
+
+def run(cfg: DPOConfig, tracker: Tracker | None = None) -> DPOResult:
+    tracker = tracker or NullTracker()
+    tokenizer = ckpt.load_tokenizer(cfg.policy)
+    model = ckpt.load_model(cfg.policy)
+    device = pick_device()
+    reference = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+    pairs = load_pairs(cfg.pairs) if cfg.pairs else synthetic_pairs(load_problems(cfg.dataset, "train"), cfg.train.seed)
+    encoded = [(prompt_and_response(tokenizer, p["prompt"], p["chosen"]),
+                prompt_and_response(tokenizer, p["prompt"], p["rejected"])) for p in pairs]
+    tracker.log_params({"stage": "dpo", **to_dict(cfg), "data/pairs": len(pairs)})
+
+    def batch_at(step: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([cfg.train.seed, step])
+        picked = [encoded[i] for i in rng.integers(0, len(encoded), size=cfg.batch_size)]
+        batch = {}
+        for side, j in (("chosen", 0), ("rejected", 1)):
+            ids, attn, mask = pad_right([p[j][0] for p in picked], tokenizer.pad_token_id, [p[j][1] for p in picked])
+            with torch.no_grad():
+                ref = summed_logprobs(reference, ids.to(device), attn.to(device), mask.to(device)).cpu()
+            batch |= {f"{side}_input_ids": ids, f"{side}_attention_mask": attn, f"{side}_mask": mask, f"ref_{side}": ref}
+        return batch
+
+    def loss_fn(m, b):
+        chosen = summed_logprobs(m, b["chosen_input_ids"], b["chosen_attention_mask"], b["chosen_mask"])
+        rejected = summed_logprobs(m, b["rejected_input_ids"], b["rejected_attention_mask"], b["rejected_mask"])
+        loss, rc, rr = dpo_loss(chosen, rejected, b["ref_chosen"], b["ref_rejected"], cfg.beta)
+        return loss, {"dpo/reward_margin": (rc - rr).mean().item(), "dpo/accuracy": (rc > rr).float().mean().item()}
+
+    meta = {"stage": "dpo", "config": to_dict(cfg), "lineage": cfg.lineage, "parent": str(cfg.policy),
+            "parent_meta": ckpt.parent_summary(cfg.policy)}
+    result = train(model, tokenizer, cfg=cfg.train, batch_at=batch_at, loss_fn=loss_fn, output_dir=cfg.output_dir,
+                   meta=meta, tracker=tracker, desc="dpo")
+    plot = plot_curves(result.history, Path(cfg.output_dir) / "dpo_curves.png", "DPO",
+                       ["train/loss", "dpo/reward_margin", "dpo/accuracy"])
+    if plot:
+        tracker.log_artifact(plot)
+    return DPOResult(checkpoint=ckpt.final_dir(cfg.output_dir), metrics=result.metrics)

@@ -1,0 +1,157 @@
+"""Pretrain a Llama-architecture model from scratch on the cleaned dataset (next-token prediction).
+
+    flywheel stage pretrain dataset=data/clean tokenizer=<dir> output_dir=/tmp/pt train.max_steps=50
+
+Documents are tokenized once (cached under output_dir/tokens), joined with the document separator
+and cut into fixed windows at seeded random offsets: sequence packing with no padding waste. A small
+held-out split (by record id) gives perplexity, and a unigram model fitted on the training tokens
+gives the baseline that perplexity must beat. Runs alone or as one rank of a DDP group (Ray Train).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from stages import checkpoint as ckpt
+from stages.config import to_dict
+from stages.dataset import is_heldout, read_dataset
+from stages.model import ModelConfig, build_model, count_parameters
+from stages.plots import plot_curves
+from stages.tracking import NullTracker, Tracker
+from stages.train_loop import TrainConfig, dist_info, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainConfig:
+    dataset: Path
+    tokenizer: Path  # directory with the trained tokenizer
+    output_dir: Path
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=200, lr=3e-3))
+    seq_len: int = 128
+    batch_size: int = 16  # sequences per optimizer step, across all ranks
+    heldout_fraction: float = 0.02
+    eval_windows: int = 64
+    lineage: dict = field(default_factory=dict)  # data versions, parent runs: copied into meta.json
+
+    def __post_init__(self) -> None:
+        if self.seq_len > self.model.max_seq_len:
+            raise ValueError(f"seq_len={self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        if not 0 < self.heldout_fraction < 0.5:
+            raise ValueError(f"heldout_fraction must be in (0, 0.5), got {self.heldout_fraction}")
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    checkpoint: Path
+    metrics: dict[str, float]
+
+
+def tokenize_corpus(dataset: Path, tokenizer, heldout_fraction: float, cache: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) token streams, documents separated by the bos token; cached as .npy."""
+    train_file, heldout_file = cache / "train.npy", cache / "heldout.npy"
+    if not (train_file.exists() and heldout_file.exists()):
+        df = read_dataset(dataset)
+        ids = tokenizer(df["text"].tolist(), add_special_tokens=False)["input_ids"]
+        sep = tokenizer.bos_token_id
+        streams: dict[bool, list[int]] = {True: [], False: []}
+        for rid, toks in zip(df["id"], ids, strict=True):
+            stream = streams[is_heldout(rid, heldout_fraction)]
+            stream.extend(toks)
+            stream.append(sep)
+        cache.mkdir(parents=True, exist_ok=True)
+        for path, stream in ((train_file, streams[False]), (heldout_file, streams[True])):
+            tmp = path.with_suffix(".tmp.npy")
+            np.save(tmp, np.asarray(stream, dtype=np.int32))
+            tmp.rename(path)
+    return np.load(train_file), np.load(heldout_file)
+
+
+def unigram_perplexity(train_tokens: np.ndarray, heldout_tokens: np.ndarray, vocab_size: int) -> float:
+    """Perplexity of an add-one-smoothed unigram model: the floor any language model must beat."""
+    counts = np.bincount(train_tokens, minlength=vocab_size).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(math.exp(-logp[heldout_tokens].mean()))
+
+
+def windows_at(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """`batch_size` windows at offsets that depend only on (seed, step): resumable sampling."""
+    rng = np.random.default_rng([seed, step])
+    starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)
+    return torch.from_numpy(np.stack([tokens[s : s + seq_len] for s in starts]).astype(np.int64))
+
+
+def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean next-token cross-entropy over positions whose label is not -100 (SFT masks prompts)."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
+    return out.loss, {}
+
+
+def heldout_perplexity(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, max_windows: int,
+                       batch_size: int = 16) -> float:
+    n = min(max_windows, (len(tokens) - 1) // seq_len)
+    if n == 0:
+        return float("nan")
+    device = next(model.parameters()).device
+    windows = torch.from_numpy(tokens[: n * seq_len].reshape(n, seq_len).astype(np.int64))
+    total, count = 0.0, 0
+    for lo in range(0, n, batch_size):
+        x = windows[lo : lo + batch_size].to(device)
+        loss = model(input_ids=x, labels=x).loss
+        total += loss.item() * x.shape[0]
+        count += x.shape[0]
+    return math.exp(total / count)
+
+
+def run(cfg: PretrainConfig, tracker: Tracker | None = None) -> PretrainResult:
+    tracker = tracker or NullTracker()
+    rank, world = dist_info()
+    tokenizer = ckpt.load_tokenizer(cfg.tokenizer)
+    cache = Path(cfg.output_dir) / "tokens"
+    if rank == 0:  # one rank tokenizes, the others read the cache
+        tokenize_corpus(cfg.dataset, tokenizer, cfg.heldout_fraction, cache)
+    if world > 1:
+        dist.barrier()
+    train_tokens, heldout_tokens = tokenize_corpus(cfg.dataset, tokenizer, cfg.heldout_fraction, cache)
+    if len(train_tokens) <= cfg.seq_len:
+        raise ValueError(f"{cfg.dataset}: only {len(train_tokens)} training tokens, fewer than seq_len={cfg.seq_len}")
+
+    model = build_model(cfg.model, tokenizer, seed=cfg.train.seed)
+    n_params = count_parameters(model)
+    # 6N per token for the dense matmuls plus the attention score/value products.
+    flops_per_token = 6 * n_params + 12 * cfg.model.num_layers * cfg.model.hidden_size * cfg.seq_len
+    if rank == 0:
+        tracker.log_params({"stage": "pretrain", **to_dict(cfg), "model/parameters": n_params,
+                            "data/train_tokens": len(train_tokens), "world_size": world})
+        log.info("pretrain: %s parameters, %s training tokens, %d rank(s)", f"{n_params:,}",
+                 f"{len(train_tokens):,}", world)
+
+    def batch_at(step: int) -> dict[str, torch.Tensor]:
+        x = windows_at(train_tokens, cfg.seq_len, cfg.batch_size, cfg.train.seed, step)
+        return {"input_ids": x, "labels": x}
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        return {"eval/perplexity": heldout_perplexity(m, heldout_tokens, cfg.seq_len, cfg.eval_windows)}
+
+    meta = {"stage": "pretrain", "config": to_dict(cfg), "lineage": cfg.lineage, "parent": None}
+    result = train(model, tokenizer, cfg=cfg.train, batch_at=batch_at, loss_fn=lm_loss,
+                   output_dir=cfg.output_dir, meta=meta, evaluate=evaluate, tracker=tracker,
+                   desc="pretrain", flops_per_token=flops_per_token)
+    metrics = {**result.metrics,
+               "eval/unigram_perplexity": unigram_perplexity(train_tokens, heldout_tokens, len(tokenizer))}
+    if rank == 0:
+        tracker.log_metrics({"eval/unigram_perplexity": metrics["eval/unigram_perplexity"]})
+        plot = plot_curves(result.history, Path(cfg.output_dir) / "pretrain_curves.png", "pretraining",
+                           ["train/loss", "train/tokens_per_s"])
+        if plot:
+            tracker.log_artifact(plot)
+    return PretrainResult(checkpoint=ckpt.final_dir(cfg.output_dir), metrics=metrics)

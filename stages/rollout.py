@@ -1,0 +1,73 @@
+"""Shared sequence helpers for the objectives: padding, per-token log-probabilities, sampling.
+
+Training batches are right-padded (positions then start at 0 for every row); only generation uses
+the tokenizer's left padding, which `generate` handles itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def pad_right(seqs: list[list[int]], pad_id: int, masks: list[list[int]] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad token lists -> (input_ids, attention_mask, loss_mask); loss_mask defaults to all real tokens."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    loss = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        attn[i, : len(s)] = 1
+        loss[i, : len(s)] = torch.tensor(masks[i] if masks else [1] * len(s), dtype=torch.long)
+    return ids, attn, loss
+
+
+def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """log p(token_t | tokens_<t) for t = 1..T-1, shape [B, T-1] (fp32)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    return torch.gather(F.log_softmax(logits, dim=-1), 2, input_ids[:, 1:, None]).squeeze(-1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+@dataclass
+class Samples:
+    prompts: list[list[int]]  # token ids per sample (each prompt repeated `n` times, in order)
+    completions: list[list[int]]  # sampled tokens, cut after the first stop token
+    texts: list[str]  # decoded completions
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[str], *, n: int = 1, max_new_tokens: int = 32,
+           temperature: float = 1.0, seed: int = 0) -> Samples:
+    """`n` completions per prompt (greedy when temperature == 0), deterministic given the seed."""
+    device = next(model.parameters()).device
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    torch.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    out = model.generate(
+        **enc, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else None, top_k=None, top_p=None,
+        num_return_sequences=n, pad_token_id=tokenizer.pad_token_id)
+    model.train(was_training)
+    stops = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
+                else [model.generation_config.eos_token_id])
+    width = enc["input_ids"].shape[1]
+    prompt_ids = [row[m.bool()].tolist() for row, m in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
+    completions, texts, expanded = [], [], []
+    for i, row in enumerate(out[:, width:].tolist()):
+        cut = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
+        completions.append(row[:cut])
+        texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
+        expanded.append(prompt_ids[i // n])
+    return Samples(prompts=expanded, completions=completions, texts=texts)

@@ -1,0 +1,280 @@
+"""The one training loop. Pretraining, SFT, DPO and GRPO differ only in their batches and their loss.
+
+    result = train(model, tokenizer, cfg=TrainConfig(...), batch_at=..., loss_fn=..., output_dir=...)
+
+- `batch_at(step)` returns the *global* batch for a step as a dict of tensors with a leading batch
+  dimension. Making the batch a pure function of the step (seeded sampling, no iterator state) is
+  what makes resume exact: a restarted run asks for the same batches in the same order.
+- `loss_fn(model, micro_batch)` returns `(mean loss, metrics)`; each objective is one such function.
+- Distributed data parallel comes for free when `torch.distributed` is initialised (Ray Train does
+  that for the pretraining workers): the model is wrapped in DDP and each rank takes its slice of
+  every batch. Rank 0 alone logs, shows progress and writes checkpoints.
+- Checkpoints hold the model (HF format), the optimizer, the scheduler and the RNG states; a resumed
+  run reproduces an uninterrupted one step for step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from stages import checkpoint as ckpt
+from stages.tracking import NullTracker, Tracker
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
+
+# Dense bf16 peak FLOP/s used for MFU; per-device figures from the vendors' data sheets.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    max_steps: int = 100
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    grad_accum: int = 1  # micro-batches per optimizer step
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    seed: int = 0
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU (bf16 is slower on CPU)
+    compile: str = "auto"  # auto: torch.compile on CUDA only (compile time dominates tiny CPU runs)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1:
+            raise ValueError(f"train.max_steps must be >= 1, got {self.max_steps}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.compile not in ("auto", "on", "off"):
+            raise ValueError(f"train.compile must be auto, on or off, got {self.compile!r}")
+        if self.grad_accum < 1 or self.checkpoint_every < 1:
+            raise ValueError("train.grad_accum and train.checkpoint_every must be >= 1")
+
+
+@dataclass
+class TrainResult:
+    step: int
+    metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def pick_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # No weight decay on norms and biases (1-D tensors), as is standard for transformers.
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def _slice(batch: Batch, start: int, stop: int, stride: int = 1) -> Batch:
+    return {k: v[start:stop:stride] for k, v in batch.items()}
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def train(
+    model: torch.nn.Module,
+    tokenizer,
+    *,
+    cfg: TrainConfig,
+    batch_at: Callable[[int], Batch],
+    loss_fn: LossFn,
+    output_dir: Path,
+    meta: dict[str, Any],
+    evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    tracker: Tracker | None = None,
+    desc: str = "train",
+    flops_per_token: float | None = None,
+) -> TrainResult:
+    """Run `cfg.max_steps` optimizer steps (resuming from the newest checkpoint) and save `final/`."""
+    tracker = tracker or NullTracker()
+    rank, world = dist_info()
+    device = pick_device()
+    output_dir = Path(output_dir)
+    seed_everything(cfg.seed)
+
+    model.to(device)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / cfg.lr)
+    start = 0
+    resume_from = ckpt.latest_checkpoint(output_dir)
+    if resume_from is not None:
+        state = ckpt.load_trainer_state(resume_from)
+        weights = ckpt.load_model(resume_from).state_dict()
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        start = state["step"]
+        if rank == 0:
+            log.info("%s: resuming from %s (step %d)", desc, resume_from, start)
+
+    raw_model = model
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
+        model = torch.compile(model)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    peak = _peak_flops(device)
+
+    history: list[dict[str, float]] = []
+    last: dict[str, float] = {}
+    bar = tqdm(total=cfg.max_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True,
+               disable=rank != 0 or not cfg.progress, mininterval=1.0)
+    window_tokens, window_start = 0, time.perf_counter()
+    for step in range(start, cfg.max_steps):
+        model.train()
+        global_batch = batch_at(step)
+        local = _slice(global_batch, rank, None, world) if world > 1 else global_batch
+        n = next(iter(local.values())).shape[0]
+        micro = max(1, math.ceil(n / cfg.grad_accum))
+        step_metrics: dict[str, float] = {}
+        total_loss = 0.0
+        for i, lo in enumerate(range(0, n, micro)):
+            mb = {k: v.to(device, non_blocking=True) for k, v in _slice(local, lo, lo + micro).items()}
+            is_last = lo + micro >= n
+            sync = model.no_sync() if (world > 1 and not is_last) else nullcontext()
+            with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss, metrics = loss_fn(model, mb)
+                (loss * mb_size_fraction(mb, n)).backward()
+            total_loss += loss.item() * mb_size_fraction(mb, n)
+            for k, v in metrics.items():
+                step_metrics[k] = step_metrics.get(k, 0.0) + v * mb_size_fraction(mb, n)
+            window_tokens += sum(int(v.numel()) for k, v in mb.items() if k.endswith("input_ids")) * world
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(total_loss):
+            raise FloatingPointError(f"{desc}: loss became {total_loss} at step {step + 1}")
+
+        done = step + 1
+        bar.update(1)
+        if done % cfg.log_every == 0 or done == cfg.max_steps:
+            elapsed = time.perf_counter() - window_start
+            tps = window_tokens / max(elapsed, 1e-9)
+            last = {"train/loss": total_loss, "train/lr": scheduler.get_last_lr()[0],
+                    "train/grad_norm": float(grad_norm), "train/tokens_per_s": tps, **step_metrics}
+            if peak and flops_per_token:
+                last["train/mfu"] = tps * flops_per_token / (peak * world)
+            window_tokens, window_start = 0, time.perf_counter()
+            if evaluate is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
+                last.update(_run_eval(evaluate, raw_model))
+            if rank == 0:
+                history.append({"step": done, **last})
+                tracker.log_metrics(last, step=done)
+                bar.set_postfix(loss=f"{total_loss:.3f}", tok_s=f"{tps:,.0f}")
+        if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
+            _save(ckpt.step_dir(output_dir, done), raw_model, tokenizer, meta, optimizer, scheduler, done, rank, world)
+            if rank == 0:
+                ckpt.prune_checkpoints(output_dir, cfg.keep_checkpoints)
+    bar.close()
+
+    final_metrics = dict(last)
+    if evaluate is not None:
+        final_metrics.update(_run_eval(evaluate, raw_model))
+    if rank == 0:
+        if evaluate is not None:
+            tracker.log_metrics({k: v for k, v in final_metrics.items() if k.startswith("eval/")}, step=cfg.max_steps)
+        ckpt.save_checkpoint(ckpt.final_dir(output_dir), raw_model, tokenizer,
+                             {**meta, "step": cfg.max_steps, "metrics": final_metrics})
+    if world > 1:
+        dist.barrier()
+    return TrainResult(step=cfg.max_steps, metrics=final_metrics, history=history)
+
+
+def mb_size_fraction(mb: Batch, n: int) -> float:
+    """Weight of a micro-batch in the step's mean loss (micro-batches may be uneven)."""
+    return next(iter(mb.values())).shape[0] / n
+
+
+def _run_eval(evaluate, model) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = evaluate(model)
+    model.train(was_training)
+    return out
+
+
+def _save(path, model, tokenizer, meta, optimizer, scheduler, step, rank, world) -> None:
+    if rank == 0:
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "rng": _rng_state(), "step": step}
+        ckpt.save_checkpoint(path, model, tokenizer, {**meta, "step": step}, trainer_state=state)
+    if world > 1:
+        dist.barrier()
+
