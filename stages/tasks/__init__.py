@@ -1,0 +1,1 @@
+"""Tasks with answers a program can check: the verifiable rewards of reasoning RL."""
