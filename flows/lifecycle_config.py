@@ -1,0 +1,87 @@
+"""The lifecycle's configuration: one section per stage, checked in full before anything runs.
+
+A preset (stages/presets/<name>.yaml) and `section.key=value` overrides only set the fields a user
+chooses; the paths that connect stages (inputs, output_dir, lineage) are the flow's business, so
+they are not settable here. Every section is built into its real dataclass up front, so a typo
+anywhere fails in the first second with the key and the valid ones named, not an hour in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from infra.ray_executor import RayConfig
+from stages.clean import CleanConfig
+from stages.collect import CollectConfig
+from stages.config import ConfigError, deep_merge, from_dict, load_preset, parse_overrides
+from stages.dpo import DPOConfig
+from stages.evaluate import EvaluateConfig
+from stages.grpo import GRPOConfig
+from stages.model import ModelConfig
+from stages.pretrain import PretrainConfig
+from stages.sft import SFTConfig
+from stages.tokenizer import TokenizerConfig
+from stages.validate import ValidateConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromoteConfig:
+    model_name: str = "flywheel-chat"
+    metric: str = "eval/arithmetic/accuracy"  # the gate metric, measured on the final checkpoint
+    higher_is_better: bool = True
+    tolerance: float = 0.02  # a challenger may be this much worse and still become champion
+
+
+# section -> (config class, fields the flow fills in)
+SECTIONS: dict[str, tuple[type, frozenset[str]]] = {
+    "collect": (CollectConfig, frozenset({"output_dir"})),
+    "clean": (CleanConfig, frozenset({"input_dir", "output_dir"})),
+    "validate": (ValidateConfig, frozenset({"dataset", "output_dir"})),
+    "tokenizer": (TokenizerConfig, frozenset({"dataset", "output_dir"})),
+    "model": (ModelConfig, frozenset()),
+    "pretrain": (PretrainConfig, frozenset({"dataset", "tokenizer", "output_dir", "model", "lineage"})),
+    "sft": (SFTConfig, frozenset({"dataset", "policy", "output_dir", "lineage"})),
+    "dpo": (DPOConfig, frozenset({"dataset", "policy", "output_dir", "lineage"})),
+    "grpo": (GRPOConfig, frozenset({"dataset", "policy", "output_dir", "lineage"})),
+    "evaluate": (EvaluateConfig, frozenset({"checkpoint", "dataset", "output_dir"})),
+    "ray": (RayConfig, frozenset()),
+    "promote": (PromoteConfig, frozenset()),
+}
+_PLACEHOLDER = Path("/nonexistent")
+
+
+@dataclass(frozen=True)
+class LifecycleConfig:
+    preset: str
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, preset: str = "tiny", overrides: list[str] | None = None) -> LifecycleConfig:
+        values = deep_merge(load_preset(preset), parse_overrides(overrides or []))
+        cfg = cls(preset=preset, sections={k: v or {} for k, v in values.items()})
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        unknown = sorted(set(self.sections) - set(SECTIONS))
+        if unknown:
+            raise ConfigError(f"unknown config section {unknown[0]!r} (valid sections: {', '.join(SECTIONS)})")
+        for name, (klass, provided) in SECTIONS.items():
+            section = self.sections.get(name, {})
+            for key in sorted(set(section) & provided):
+                raise ConfigError(f"{name}.{key} is set by the lifecycle (it wires stages together), not by config")
+            settable = [f.name for f in fields(klass) if f.name not in provided]
+            for key in section:
+                if key not in settable:
+                    raise ConfigError(f"unknown config key {name}.{key} (valid keys of {name}: {', '.join(settable)})")
+            self.build(name, **{k: _PLACEHOLDER for k in provided if k not in ("model", "lineage")})
+
+    def build(self, name: str, **wiring: Any) -> Any:
+        """The section's dataclass, with the flow's paths (and, for pretraining, the model section)."""
+        klass, _ = SECTIONS[name]
+        values = dict(self.sections.get(name, {}))
+        if name == "pretrain":
+            values["model"] = self.sections.get("model", {})
+        return from_dict(klass, {**values, **wiring}, prefix=f"{name}.")

@@ -1,0 +1,73 @@
+"""Shared fixtures. Keep this file small: fixtures used by one folder belong in that folder.
+
+Before anything is imported, point every piece of state at a throw-away directory and switch off
+telemetry and hub downloads, so that no test writes to $HOME or the repository, reaches the
+network, or talks to a user's real Prefect/MLflow servers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Must run before prefect/mlflow are imported anywhere: Prefect freezes its settings (PREFECT_HOME,
+# PREFECT_API_URL) at import time.
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="flywheel-tests-"))
+os.environ["FLYWHEEL_HOME"] = str(_SESSION_HOME)
+for _var in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
+    os.environ.pop(_var, None)  # never a user's real servers or cluster
+
+from infra import services as infra_services  # noqa: E402 (the fixture below is `services`)
+from infra.settings import apply_offline_env, load_settings  # noqa: E402
+
+apply_offline_env()  # HF_HUB_OFFLINE, DO_NOT_TRACK, PREFECT_HOME under _SESSION_HOME, ...
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SESSION_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def services_home(tmp_path_factory) -> Path:
+    """The state root the shared servers live in (their databases, artifacts, logs)."""
+    return tmp_path_factory.mktemp("flywheel-home")
+
+
+@pytest.fixture(scope="session")
+def services(services_home):
+    """Real Prefect and MLflow servers for the whole session; yields up()'s URL dict.
+
+    Starting them costs ~10 s (Prefect's migrations), so every test that needs a server shares
+    them. PREFECT_API_URL / MLFLOW_TRACKING_URI point at them while the session runs.
+    """
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLYWHEEL_HOME", str(services_home))
+        settings = load_settings()
+        urls = infra_services.up(settings)
+        infra_services.export_env(urls)
+        try:
+            yield urls
+        finally:
+            infra_services.clear_env()
+            infra_services.down(settings)
+
+
+@pytest.fixture(scope="session")
+def _mlflow_empty_db(tmp_path_factory) -> Path:
+    """An MLflow SQLite database with its tables created once: migrations cost ~1 s per new DB."""
+    from mlflow import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, _mlflow_empty_db) -> str:
+    """A fast local MLflow store of this test's own (SQLite file, no server) for unit tests."""
+    shutil.copy(_mlflow_empty_db, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
