@@ -1,0 +1,225 @@
+"""The lifecycle: data -> tokenizer -> pretrain -> align -> evaluate -> promote, one Prefect flow.
+
+    flywheel run --preset tiny                  # services up, then this flow
+    python -m flows.lifecycle                   # the same flow, against PREFECT_API_URL
+
+Each phase is a subflow and each stage a task; tasks only wire a stage's `run(cfg, tracker)` to
+MLflow (a run nested under the lifecycle's parent run) and hand paths to the next stage. Retries
+re-enter the same output directory, so a stage resumes from its newest checkpoint instead of
+starting over. The champion changes in one place only, the promote phase, and only through the gate:
+a failure anywhere earlier leaves the registry, the last good checkpoint and the last good dataset
+version untouched.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from flows.lifecycle_config import LifecycleConfig
+from infra import ray_executor
+from infra.settings import load_settings
+from registry import data_versions, models
+from registry.tracking import end_run, run_context, start_run
+from stages.checkpoint import git_commit
+from stages.validate import raise_for_failures
+
+EXPERIMENT = "flywheel"
+DATASET_NAME = "clean"
+
+
+@dataclass
+class RunContext:
+    """What every task needs to know about the lifecycle run it belongs to (plain, serialisable)."""
+
+    run_dir: Path
+    mlflow_uri: str
+    parent_run_id: str
+    lineage: dict[str, str] = field(default_factory=dict)  # grows as phases finish
+
+    def out(self, name: str) -> Path:
+        return self.run_dir / name
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
+
+
+@task(retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE, task_run_name="{name}")
+def run_stage(name: str, cfg: Any, ctx: RunContext, run_name: str | None = None,
+              ray_cfg: ray_executor.RayConfig | None = None) -> tuple[Any, str]:
+    """Run one stage under its own MLflow run (nested in the lifecycle's); returns (result, run id)."""
+    logger = get_run_logger()
+    tags = {"stage": name, "prefect.flow_run_id": str(flow_run.id or ""), **ctx.lineage}
+    with run_context(ctx.mlflow_uri, EXPERIMENT, run_name or name, parent_run_id=ctx.parent_run_id,
+                     tags=tags) as tracker:
+        started = time.perf_counter()
+        module = importlib.import_module(f"stages.{name}")
+        if ray_cfg is not None:
+            result = ray_executor.run_distributed(name, cfg, tracker, ray_cfg)
+        else:
+            result = module.run(cfg, tracker)
+        seconds = time.perf_counter() - started
+        tracker.log_metrics({**_finite(result.metrics), "time/seconds": seconds})
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in _finite(result.metrics).items()
+                      if k.startswith(("eval/", "data/rows", "train/loss", "rl/")))
+    logger.info("%s done in %.1f s: %s", run_name or name, seconds, shown)
+    return result, tracker.run_id
+
+
+@task(cache_policy=NO_CACHE)
+def version_dataset(dataset: Path) -> data_versions.DataVersion:
+    s = load_settings()
+    data_versions.ensure_repo(s.repo_root, s.dvc_remote)
+    return data_versions.version_dataset(s.repo_root, dataset, DATASET_NAME, s.dvc_remote)
+
+
+@flow(name="data", validate_parameters=False)
+def data_flow(cfg: LifecycleConfig, ctx: RunContext) -> data_versions.DataVersion:
+    """collect -> clean -> validate (the gate) -> a DVC version of the cleaned dataset."""
+    collected, _ = run_stage("collect", cfg.build("collect", output_dir=ctx.out("collect")), ctx)
+    cleaned, _ = run_stage("clean", cfg.build("clean", input_dir=collected.dataset, output_dir=ctx.out("clean")), ctx)
+    validation, _ = run_stage("validate", cfg.build("validate", dataset=cleaned.dataset,
+                                                    output_dir=ctx.out("validate")), ctx)
+    raise_for_failures(validation, cleaned.dataset)  # stops the lifecycle before the tokenizer
+    return version_dataset(cleaned.dataset)
+
+
+@flow(name="tokenizer", validate_parameters=False)
+def tokenizer_flow(cfg: LifecycleConfig, ctx: RunContext, dataset: Path) -> tuple[Path, str]:
+    result, run_id = run_stage("tokenizer", cfg.build("tokenizer", dataset=dataset, output_dir=ctx.out("tokenizer")), ctx)
+    return result.tokenizer_dir, run_id
+
+
+@flow(name="pretrain", validate_parameters=False)
+def pretrain_flow(cfg: LifecycleConfig, ctx: RunContext, dataset: Path, tokenizer: Path) -> tuple[Path, str]:
+    """Pretraining on Ray Train: a DDP group of `ray.num_workers` workers."""
+    ray_executor.ensure_ray()  # here, in the flow's main thread, not in a task thread
+    stage_cfg = cfg.build("pretrain", dataset=dataset, tokenizer=tokenizer, output_dir=ctx.out("pretrain"),
+                          lineage=dict(ctx.lineage))
+    result, run_id = run_stage("pretrain", stage_cfg, ctx, ray_cfg=cfg.build("ray"))
+    return result.checkpoint, run_id
+
+
+@flow(name="align", validate_parameters=False)
+def align_flow(cfg: LifecycleConfig, ctx: RunContext, dataset: Path, base: Path) -> dict[str, tuple[Path, str]]:
+    """SFT -> DPO -> GRPO, each starting from the previous stage's final checkpoint."""
+    policy, produced, lineage = base, {}, dict(ctx.lineage)
+    for name in ("sft", "dpo", "grpo"):
+        stage_cfg = cfg.build(name, dataset=dataset, policy=policy, output_dir=ctx.out(name), lineage=dict(lineage))
+        result, run_id = run_stage(name, stage_cfg, ctx)
+        policy = result.checkpoint
+        produced[name] = (policy, run_id)
+        lineage[f"{name}.run_id"] = run_id
+    return produced
+
+
+@flow(name="evaluate", validate_parameters=False)
+def evaluate_flow(cfg: LifecycleConfig, ctx: RunContext, dataset: Path,
+                  checkpoints: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """Every stage's checkpoint on the same held-out data: the learning curve of the lifecycle."""
+    scores = {}
+    for stage, checkpoint in checkpoints.items():
+        stage_cfg = cfg.build("evaluate", checkpoint=checkpoint, dataset=dataset, output_dir=ctx.out(f"evaluate-{stage}"))
+        result, _ = run_stage("evaluate", stage_cfg, ctx, run_name=f"evaluate-{stage}")
+        scores[stage] = _finite(result.metrics)
+    return scores
+
+
+@flow(name="promote", validate_parameters=False)
+def promote_flow(cfg: LifecycleConfig, ctx: RunContext, checkpoint: Path, metrics: dict[str, float]
+                 ) -> tuple[str, models.GateResult]:
+    """Register the final checkpoint as a new version; it becomes champion only through the gate."""
+    promote = cfg.build("promote")
+    if promote.metric not in metrics:
+        raise KeyError(f"promote.metric {promote.metric!r} was not measured (measured: {', '.join(sorted(metrics))})")
+    with run_context(ctx.mlflow_uri, EXPERIMENT, "register", parent_run_id=ctx.parent_run_id,
+                     tags={"stage": "register", **ctx.lineage}) as tracker:
+        version = models.register_checkpoint(tracker.client, promote.model_name, checkpoint, tracker.run_id,
+                                             tags={**ctx.lineage, **{f"eval.{k}": repr(v) for k, v in metrics.items()}})
+        gate = models.promote_if_better(tracker.client, promote.model_name, version, promote.metric,
+                                        metrics[promote.metric], promote.higher_is_better, promote.tolerance)
+        tracker.log_metrics({"gate/passed": float(gate.passed)})
+    get_run_logger().info("%s v%s: %s", promote.model_name, version, gate.reason)
+    return version, gate
+
+
+@flow(name="lifecycle", log_prints=True, validate_parameters=False)
+def lifecycle(preset: str = "tiny", overrides: list[str] | None = None) -> dict[str, Any]:
+    """The whole loop on one preset. Parameters are editable from the Prefect UI."""
+    cfg = LifecycleConfig.load(preset, overrides)  # fails fast on any config typo
+    s = load_settings()
+    mlflow_uri = s.mlflow_tracking_uri
+    if not mlflow_uri:
+        raise RuntimeError("MLFLOW_TRACKING_URI is not set: start services with `flywheel services up`")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    parent = start_run(mlflow_uri, EXPERIMENT, f"lifecycle-{stamp}",
+                       tags={"prefect.flow_run_id": str(flow_run.id or ""), "git.commit": git_commit(), "preset": preset})
+    parent.log_params({"preset": preset, **cfg.sections})
+    ctx = RunContext(run_dir=s.runs_dir / stamp, mlflow_uri=mlflow_uri, parent_run_id=parent.run_id,
+                     lineage={"lifecycle.run_id": parent.run_id, "git.commit": git_commit(), "preset": preset})
+    timings: dict[str, float] = {}
+
+    def phase(name, fn, *args):
+        started = time.perf_counter()
+        out = fn(*args)
+        timings[name] = time.perf_counter() - started
+        return out
+
+    try:
+        data = phase("data", data_flow, cfg, ctx)
+        ctx.lineage |= {"data.dvc_md5": data.md5, "data.path": f"data/{data.name}"}
+        tokenizer, tok_run = phase("tokenizer", tokenizer_flow, cfg, ctx, data.path)
+        ctx.lineage["tokenizer.run_id"] = tok_run
+        base, pt_run = phase("pretrain", pretrain_flow, cfg, ctx, data.path, tokenizer)
+        ctx.lineage["pretrain.run_id"] = pt_run
+        aligned = phase("align", align_flow, cfg, ctx, data.path, base)
+        ctx.lineage |= {f"{name}.run_id": run_id for name, (_, run_id) in aligned.items()}
+        checkpoints = {"pretrain": base, **{k: v[0] for k, v in aligned.items()}}
+        scores = phase("evaluate", evaluate_flow, cfg, ctx, data.path, checkpoints)
+        final = checkpoints["grpo"]
+        version, gate = phase("promote", promote_flow, cfg, ctx, final, scores["grpo"])
+    except BaseException:
+        end_run(parent, "FAILED")
+        raise
+    parent.log_metrics({**{f"{k}/{stage}": v for stage, m in scores.items() for k, v in m.items()},
+                        **{f"time/{k}_s": v for k, v in timings.items()}})
+    parent.set_tags({"registered.version": version, "gate.passed": str(gate.passed).lower()})
+    end_run(parent, "FINISHED")
+    summary = {"version": version, "gate": gate, "scores": scores, "timings": timings, "lineage": ctx.lineage,
+               "run_dir": str(ctx.run_dir), "mlflow_run_id": parent.run_id, "checkpoint": str(final)}
+    create_markdown_artifact(markdown=summary_markdown(summary, mlflow_uri, cfg), key="lifecycle-summary",
+                             description=f"lifecycle {stamp}: {cfg.build('promote').model_name} v{version}")
+    return summary
+
+
+def summary_markdown(summary: dict[str, Any], mlflow_uri: str, cfg: LifecycleConfig) -> str:
+    gate = summary["gate"]
+    name = cfg.build("promote").model_name
+    lines = [f"# Lifecycle: {name} v{summary['version']}", "",
+             f"Gate ({gate.metric}): **{'passed' if gate.passed else 'failed'}**: {gate.reason}", "",
+             f"MLflow run: [{summary['mlflow_run_id']}]({mlflow_uri.rstrip('/')}/#/experiments/search?searchFilter="
+             f"attributes.run_id%3D%27{summary['mlflow_run_id']}%27)", "",
+             "| checkpoint | perplexity | arithmetic accuracy | format rate |", "|---|---|---|---|"]
+    for stage, m in summary["scores"].items():
+        lines.append(f"| {stage} | {m.get('eval/perplexity', float('nan')):.2f} | "
+                     f"{m.get('eval/arithmetic/accuracy', 0):.3f} | {m.get('eval/arithmetic/format_rate', 0):.3f} |")
+    lines += ["", "| phase | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in summary["timings"].items()]
+    lines += ["", "Lineage:", ""] + [f"- `{k}`: `{v}`" for k, v in summary["lineage"].items()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    lifecycle()
