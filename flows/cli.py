@@ -25,8 +25,11 @@ def _setup_logging(name: str) -> Path:
     s.logs_dir.mkdir(parents=True, exist_ok=True)
     log_file = s.logs_dir / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
     handlers = [logging.StreamHandler(sys.stderr), logging.FileHandler(log_file)]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         handlers=handlers, force=True)
+    # Our own story at INFO; libraries (httpx, GX, alembic...) only when they warn.
+    for ours in ("stages", "flows", "infra", "registry", "prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(ours).setLevel(logging.INFO)
     return log_file
 
 
