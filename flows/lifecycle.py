@@ -197,7 +197,8 @@ def lifecycle(preset: str = "tiny", overrides: list[str] | None = None) -> dict[
     parent.set_tags({"registered.version": version, "gate.passed": str(gate.passed).lower()})
     end_run(parent, "FINISHED")
     summary = {"version": version, "gate": gate, "scores": scores, "timings": timings, "lineage": ctx.lineage,
-               "run_dir": str(ctx.run_dir), "mlflow_run_id": parent.run_id, "checkpoint": str(final)}
+               "run_dir": str(ctx.run_dir), "mlflow_run_id": parent.run_id, "checkpoint": str(final),
+               "flow_run_id": str(flow_run.id)}
     create_markdown_artifact(markdown=summary_markdown(summary, mlflow_uri, cfg), key="lifecycle-summary",
                              description=f"lifecycle {stamp}: {cfg.build('promote').model_name} v{version}")
     return summary

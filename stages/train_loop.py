@@ -81,13 +81,17 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps."""
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Schedule shape in [0, 1]: linear warmup, then cosine decay to min_lr_ratio at max_steps."""
     if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+        return (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    return cfg.lr * lr_factor(step, cfg)
 
 
 def dist_info() -> tuple[int, int]:
@@ -167,7 +171,7 @@ def train(
 
     model.to(device)
     optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     start = 0
     resume_from = ckpt.latest_checkpoint(output_dir)
     if resume_from is not None:
