@@ -8,6 +8,7 @@ a typo is an error that names the key and lists the valid ones, never a silently
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, TypeVar
 import yaml
 
 PRESETS_DIR = Path(__file__).parent / "presets"
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 T = TypeVar("T")
 
@@ -78,12 +80,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override {pair!r} is not of the form key=value")
         key, raw = pair.split("=", 1)
         value = yaml.safe_load(raw) if raw != "" else ""
-        # YAML reads 3e-4 as a string; numbers people type should be numbers.
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
+        # YAML 1.1 reads 3e-4 as a string; numbers people type should be numbers ("nan" stays text).
+        if isinstance(value, str) and NUMBER.fullmatch(value.strip()):
+            value = float(value)
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:

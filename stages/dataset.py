@@ -28,8 +28,9 @@ def atomic_dir(final: Path) -> Path:
     """A fresh temporary directory beside `final`; pass it to `commit_dir` when complete."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".tmp-{final.name}-*"):  # left by a killed writer
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     return tmp
 

@@ -53,6 +53,10 @@ class GRPOConfig:
             raise ValueError(f"grpo.group_size must be >= 2 (advantages are relative to the group), got {self.group_size}")
         if self.updates_per_rollout < 1:
             raise ValueError("grpo.updates_per_rollout must be >= 1")
+        # A rollout lives in memory only: resuming mid-rollout would resample it from newer weights.
+        if self.train.checkpoint_every % self.updates_per_rollout:
+            raise ValueError(f"grpo.train.checkpoint_every={self.train.checkpoint_every} must be a multiple of "
+                             f"updates_per_rollout={self.updates_per_rollout} for exact resume")
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) 
     """(r - mean_group) / (std_group + eps), flat in, flat out.
 
     >>> group_advantages(torch.tensor([1.0, 0.0, 0.5, 0.5]), 2).tolist()
-    [0.7070571184158325, -0.7070571184158325, 0.0, 0.0]
+    [0.7070068120956421, -0.7070068120956421, 0.0, 0.0]
     """
     r = rewards.view(-1, group_size)
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
