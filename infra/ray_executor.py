@@ -83,6 +83,10 @@ def shutdown() -> None:
 
 def _worker(config: dict[str, Any]) -> None:
     """Runs inside every Ray Train worker: the stage's own `run`, unchanged."""
+    if not torch.cuda.is_available():
+        # Ray does not cap intra-op threads: two workers with torch's default of one thread per core
+        # each would oversubscribe the cores they share.
+        torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
     module = importlib.import_module(f"stages.{config['stage']}")
     result = module.run(config["cfg"], config["tracker"])
     if torch.distributed.get_rank() == 0:
@@ -103,7 +107,7 @@ def run_distributed(stage: str, cfg: Any, tracker: Any = None, ray_cfg: RayConfi
     (out / RESULT_FILE).unlink(missing_ok=True)
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"stage": stage, "cfg": cfg, "tracker": tracker},
+        train_loop_config={"stage": stage, "cfg": cfg, "tracker": tracker, "cpus_per_worker": ray_cfg.cpus_per_worker},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": ray_cfg.cpus_per_worker}),
