@@ -23,7 +23,7 @@ from stages.config import from_dict, load_preset
 from stages.model import ModelConfig, build_model, count_parameters
 from stages.tokenizer import train_tokenizer
 from stages.tracking import RecordingTracker
-from stages.train_loop import PEAK_FLOPS, TrainConfig, make_optimizer, train
+from stages.train_loop import PEAK_FLOPS, TrainConfig, train
 
 
 def flops_per_token(model, cfg: ModelConfig, seq_len: int) -> float:

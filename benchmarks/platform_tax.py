@@ -35,7 +35,6 @@ if str(REPO) not in sys.path:  # runnable as a plain script from the repository 
 
 os.environ.setdefault("FLYWHEEL_RAY_TMP", "/tmp/fw-bench-ray")  # our own short Ray temp dir
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import (Workload, bench_dir, machine, markdown_table, median,  # noqa: E402

@@ -22,11 +22,10 @@ import torch.nn.functional as F
 from stages import checkpoint as ckpt
 from stages.chat import load_problems, prompt_and_response
 from stages.config import to_dict
-from stages.plots import plot_curves
 from stages.rollout import pad_right, token_logprobs
 from stages.tasks.arithmetic import Problem, target
 from stages.tracking import NullTracker, Tracker
-from stages.train_loop import TrainConfig, pick_device, train
+from stages.train_loop import TrainConfig, pick_device, tune_policy
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,12 +123,6 @@ def run(cfg: DPOConfig, tracker: Tracker | None = None) -> DPOResult:
         loss, rc, rr = dpo_loss(chosen, rejected, b["ref_chosen"], b["ref_rejected"], cfg.beta)
         return loss, {"dpo/reward_margin": (rc - rr).mean().item(), "dpo/accuracy": (rc > rr).float().mean().item()}
 
-    meta = {"stage": "dpo", "config": to_dict(cfg), "lineage": cfg.lineage, "parent": str(cfg.policy),
-            "parent_meta": ckpt.parent_summary(cfg.policy)}
-    result = train(model, tokenizer, cfg=cfg.train, batch_at=batch_at, loss_fn=loss_fn, output_dir=cfg.output_dir,
-                   meta=meta, tracker=tracker, desc="dpo")
-    plot = plot_curves(result.history, Path(cfg.output_dir) / "dpo_curves.png", "DPO",
-                       ["train/loss", "dpo/reward_margin", "dpo/accuracy"])
-    if plot:
-        tracker.log_artifact(plot)
+    result = tune_policy("dpo", cfg, model, tokenizer, batch_at=batch_at, loss_fn=loss_fn, tracker=tracker,
+                         curves=["train/loss", "dpo/reward_margin", "dpo/accuracy"])
     return DPOResult(checkpoint=ckpt.final_dir(cfg.output_dir), metrics=result.metrics)

@@ -24,11 +24,10 @@ import torch
 from stages import checkpoint as ckpt
 from stages.chat import load_problems, prompt_text
 from stages.config import to_dict
-from stages.plots import plot_curves
 from stages.rewards import combined, correctness
 from stages.rollout import masked_mean, pad_right, sample, token_logprobs
 from stages.tracking import NullTracker, Tracker
-from stages.train_loop import TrainConfig, pick_device, train
+from stages.train_loop import TrainConfig, pick_device, tune_policy
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,12 +130,6 @@ def run(cfg: GRPOConfig, tracker: Tracker | None = None) -> GRPOResult:
         return loss, {**metrics, "rl/reward_mean": b["reward"].mean().item(),
                       "rl/accuracy": b["correct"].mean().item()}
 
-    meta = {"stage": "grpo", "config": to_dict(cfg), "lineage": cfg.lineage, "parent": str(cfg.policy),
-            "parent_meta": ckpt.parent_summary(cfg.policy)}
-    result = train(model, tokenizer, cfg=cfg.train, batch_at=batch_at, loss_fn=loss_fn, output_dir=cfg.output_dir,
-                   meta=meta, tracker=tracker, desc="grpo")
-    plot = plot_curves(result.history, Path(cfg.output_dir) / "grpo_curves.png", "GRPO",
-                       ["rl/reward_mean", "rl/accuracy", "rl/kl"])
-    if plot:
-        tracker.log_artifact(plot)
+    result = tune_policy("grpo", cfg, model, tokenizer, batch_at=batch_at, loss_fn=loss_fn, tracker=tracker,
+                         curves=["rl/reward_mean", "rl/accuracy", "rl/kl"])
     return GRPOResult(checkpoint=ckpt.final_dir(cfg.output_dir), metrics=result.metrics)

@@ -17,12 +17,11 @@ import torch
 from stages import checkpoint as ckpt
 from stages.chat import load_problems, prompt_and_response
 from stages.config import to_dict
-from stages.plots import plot_curves
 from stages.pretrain import lm_loss
 from stages.rollout import pad_right
 from stages.tasks.arithmetic import target
 from stages.tracking import NullTracker, Tracker
-from stages.train_loop import TrainConfig, train
+from stages.train_loop import TrainConfig, tune_policy
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,12 +53,7 @@ def run(cfg: SFTConfig, tracker: Tracker | None = None) -> SFTResult:
         ids, attn, mask = pad_right([e[0] for e in picked], tokenizer.pad_token_id, [e[1] for e in picked])
         return {"input_ids": ids, "attention_mask": attn, "labels": ids.masked_fill(mask == 0, -100)}
 
-    meta = {"stage": "sft", "config": to_dict(cfg), "lineage": cfg.lineage,
-            "parent": str(cfg.policy), "parent_meta": ckpt.parent_summary(cfg.policy)}
-    result = train(model, tokenizer, cfg=cfg.train, batch_at=batch_at, loss_fn=lm_loss,
-                   output_dir=cfg.output_dir, meta=meta, tracker=tracker, desc="sft")
-    plot = plot_curves(result.history, Path(cfg.output_dir) / "sft_curves.png", "SFT", ["train/loss"])
-    if plot:
-        tracker.log_artifact(plot)
+    result = tune_policy("sft", cfg, model, tokenizer, batch_at=batch_at, loss_fn=lm_loss, tracker=tracker,
+                         curves=["train/loss"])
     return SFTResult(checkpoint=ckpt.final_dir(cfg.output_dir), metrics=result.metrics)
 

@@ -32,6 +32,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from stages import checkpoint as ckpt
+from stages.config import to_dict
+from stages.plots import plot_curves
 from stages.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -282,3 +284,19 @@ def _save(path, model, tokenizer, meta, optimizer, scheduler, step, rank, world)
     if world > 1:
         dist.barrier()
 
+
+
+def tune_policy(stage: str, cfg: Any, model: torch.nn.Module, tokenizer, *, batch_at: Callable[[int], Batch],
+                loss_fn: LossFn, tracker: Tracker, curves: list[str]) -> TrainResult:
+    """Train `cfg.policy` into `cfg.output_dir`: the shared body of SFT, DPO and GRPO.
+
+    Records the parent checkpoint's ancestry in meta.json and logs a plot of `curves`.
+    """
+    meta = {"stage": stage, "config": to_dict(cfg), "lineage": cfg.lineage, "parent": str(cfg.policy),
+            "parent_meta": ckpt.parent_summary(cfg.policy)}
+    result = train(model, tokenizer, cfg=cfg.train, batch_at=batch_at, loss_fn=loss_fn, output_dir=cfg.output_dir,
+                   meta=meta, tracker=tracker, desc=stage)
+    plot = plot_curves(result.history, Path(cfg.output_dir) / f"{stage}_curves.png", stage.upper(), curves)
+    if plot:
+        tracker.log_artifact(plot)
+    return result

@@ -8,7 +8,6 @@ Self-contained (no services, no Ray): these tests prove the stage code itself on
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
