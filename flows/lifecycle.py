@@ -69,8 +69,9 @@ def run_stage(name: str, cfg: Any, ctx: RunContext, run_name: str | None = None,
             result = ray_executor.run_distributed(name, cfg, tracker, ray_cfg)
         else:
             result = module.run(cfg, tracker)
-        seconds = time.perf_counter() - started
-        tracker.log_metrics({**_finite(result.metrics), "time/seconds": seconds})
+        wall = time.perf_counter() - started
+        seconds = result.metrics.pop("time/stage_s", wall)  # inside the stage (Ray start-up excluded)
+        tracker.log_metrics({**_finite(result.metrics), "time/seconds": seconds, "time/wall_s": wall})
     shown = ", ".join(f"{k}={v:.4g}" for k, v in _finite(result.metrics).items()
                       if k.startswith(("eval/", "data/rows", "train/loss", "rl/")))
     logger.info("%s done in %.1f s: %s", run_name or name, seconds, shown)

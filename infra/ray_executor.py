@@ -16,6 +16,7 @@ import importlib
 import logging
 import os
 import pickle
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,10 @@ def _worker(config: dict[str, Any]) -> None:
         # each would oversubscribe the cores they share.
         torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
     module = importlib.import_module(f"stages.{config['stage']}")
+    started = time.perf_counter()
     result = module.run(config["cfg"], config["tracker"])
+    # The stage's own time, so that worker start-up and hand-back count as platform overhead.
+    result.metrics["time/stage_s"] = time.perf_counter() - started
     if torch.distributed.get_rank() == 0:
         path = Path(config["cfg"].output_dir) / RESULT_FILE
         path.write_bytes(pickle.dumps(result))

@@ -35,6 +35,9 @@ class DPOConfig:
     dataset: Path | None = None  # arithmetic problems for synthetic pairs
     pairs: Path | None = None  # prompt/chosen/rejected records; replaces the synthetic pairs
     beta: float = 0.1
+    # Weight of an NLL term on the chosen answers (as in RPO). Pure DPO (0) can lower the
+    # likelihood of both answers when they share most tokens; the NLL term anchors the chosen one.
+    nll_weight: float = 0.0
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=50, lr=2e-4, warmup_steps=5))
     batch_size: int = 8
     lineage: dict = field(default_factory=dict)
@@ -73,10 +76,11 @@ def synthetic_pairs(problems: list[Problem], seed: int) -> list[dict[str, str]]:
     pairs = []
     for p in problems:
         wrong = p.answer + rng.choice([-2, -1, 1, 2, 10])
+        # Every rejected answer is wrong: a rejected text that contained the right number would
+        # teach the policy to avoid the right number.
         rejected = rng.choice([
-            f"<think>{p.reasoning.rsplit('=', 1)[0]}= {wrong}</think> <answer>{wrong}</answer>",  # wrong sum
-            f"{p.answer}",  # right number, no format
-            f"<answer>{wrong}</answer>",  # no reasoning, wrong
+            f"<think>{p.reasoning.rsplit('=', 1)[0]}= {wrong}</think> <answer>{wrong}</answer>",  # wrong result
+            f"<answer>{wrong}</answer>",  # wrong, and no reasoning
         ])
         pairs.append({"prompt": p.question, "chosen": target(p), "rejected": rejected})
     return pairs
@@ -121,6 +125,8 @@ def run(cfg: DPOConfig, tracker: Tracker | None = None) -> DPOResult:
         chosen = summed_logprobs(m, b["chosen_input_ids"], b["chosen_attention_mask"], b["chosen_mask"])
         rejected = summed_logprobs(m, b["rejected_input_ids"], b["rejected_attention_mask"], b["rejected_mask"])
         loss, rc, rr = dpo_loss(chosen, rejected, b["ref_chosen"], b["ref_rejected"], cfg.beta)
+        if cfg.nll_weight:
+            loss = loss - cfg.nll_weight * (chosen / b["chosen_mask"][:, 1:].sum(-1)).mean()
         return loss, {"dpo/reward_margin": (rc - rr).mean().item(), "dpo/accuracy": (rc > rr).float().mean().item()}
 
     result = tune_policy("dpo", cfg, model, tokenizer, batch_at=batch_at, loss_fn=loss_fn, tracker=tracker,

@@ -227,6 +227,43 @@ def test_sft_batches_put_loss_on_assistant_tokens_only(corpus: Path, pretrained:
         assert tok.decode(ids[start : stop - 1]) in targets
 
 
+
+def test_sft_replay_rows_are_corpus_windows_with_loss_on_every_token(corpus: Path, pretrained: Trained,
+                                                                     tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def spy(model, batch):
+        seen.append({k: v.clone() for k, v in batch.items()})
+        return pretrain.lm_loss(model, batch)
+
+    monkeypatch.setattr(sft, "lm_loss", spy)
+    sft.run(SFTConfig(dataset=corpus, policy=pretrained.checkpoint, output_dir=tmp_path, batch_size=8,
+                      replay_fraction=0.25, replay_seq_len=16, train=quiet_train(max_steps=1, warmup_steps=1)))
+    (batch,) = seen
+    tok = ckpt.load_tokenizer(pretrained.checkpoint)
+    chat_rows, replay_rows = batch["input_ids"][:6], batch["input_ids"][6:]
+    assert all(tok.convert_tokens_to_ids("<|assistant|>") in row.tolist() for row in chat_rows)
+    for row, labels, attn in zip(replay_rows, batch["labels"][6:], batch["attention_mask"][6:], strict=True):
+        assert attn[:16].all() and not attn[16:].any()  # a 16-token window of pretraining text
+        assert torch.equal(labels[:16], row[:16])  # supervised everywhere, unlike a chat row
+    with pytest.raises(ValueError, match="replay_fraction"):
+        SFTConfig(dataset=corpus, policy=tmp_path, output_dir=tmp_path, replay_fraction=1.0)
+
+
+def test_dpo_nll_weight_adds_the_chosen_answers_nll(corpus: Path, sft_trained: Trained, tmp_path: Path) -> None:
+    # At the first step the policy equals the reference: the DPO part is exactly log 2, so the rest
+    # of the loss is the weighted mean per-token NLL of the chosen answers, which is positive.
+    runs = {}
+    for weight in (0.0, 1.0):
+        tracker = RecordingTracker()
+        dpo.run(DPOConfig(policy=sft_trained.checkpoint, dataset=corpus, output_dir=tmp_path / str(weight),
+                          batch_size=4, nll_weight=weight, train=quiet_train(max_steps=1, warmup_steps=1)), tracker)
+        runs[weight] = tracker.series("train/loss")[0]
+    assert runs[0.0] == pytest.approx(math.log(2), abs=1e-4)
+    assert runs[1.0] > runs[0.0] + 0.01
+
+
 # --- DPO -------------------------------------------------------------------------------------
 
 
