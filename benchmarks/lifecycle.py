@@ -1,6 +1,7 @@
 """`make run`'s lifecycle, timed per phase, with the share spent outside the stages, and what it learned.
 
     .venv/bin/python benchmarks/lifecycle.py [--preset tiny] [--home /tmp/flywheel-bench] [override ...]
+    .venv/bin/python benchmarks/lifecycle.py --collect --home .flywheel      # read back a `make run`
 
 Runs `flywheel run` in a fresh state root (its own Prefect and MLflow servers, its own Ray), then
 reads the lifecycle's MLflow runs back:
@@ -33,8 +34,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--home", type=Path, default=None)
+    ap.add_argument("--collect", action="store_true",
+                    help="do not run: read the newest lifecycle from the servers of --home (e.g. after `make run`)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
+    if args.collect:
+        mlflow_uri = json.loads((args.home / "services" / "mlflow.json").read_text())["url"]
+        print(markdown(collect(MlflowClient(mlflow_uri), wall=None)))
+        return
     home = args.home or Path(tempfile.mkdtemp(prefix="flywheel-bench-"))
     env = {**os.environ, "FLYWHEEL_HOME": str(home)}
     for var in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
@@ -55,7 +62,7 @@ def main() -> None:
     print(markdown(result))
 
 
-def collect(client: MlflowClient, wall: float) -> dict:
+def collect(client: MlflowClient, wall: float | None) -> dict:
     exp = client.get_experiment_by_name("flywheel")
     parent = client.search_runs([exp.experiment_id], "tags.`mlflow.runName` LIKE 'lifecycle-%'",
                                 order_by=["attributes.start_time DESC"], max_results=1)[0]
@@ -69,7 +76,7 @@ def collect(client: MlflowClient, wall: float) -> dict:
     learning = {stage: {k: m.get(f"{k}/{stage}") for k in
                         ("eval/perplexity", "eval/arithmetic/accuracy", "eval/arithmetic/format_rate")}
                 for stage in ("pretrain", "sft", "dpo", "grpo")}
-    return {"command_wall_s": wall, "lifecycle_s": lifecycle_s, "phases_s": phases, "stages_s": stage_seconds,
+    return {"command_wall_s": wall if wall is not None else float("nan"), "lifecycle_s": lifecycle_s, "phases_s": phases, "stages_s": stage_seconds,
             "inside_stages_s": inside, "overhead_share": 1 - inside / lifecycle_s,
             "unigram_perplexity": pretrain.get("eval/unigram_perplexity"),
             "pretrain_tokens_per_s": pretrain.get("train/tokens_per_s"), "learning": learning}

@@ -200,7 +200,8 @@ def train(
     last: dict[str, float] = {}
     bar = tqdm(total=cfg.max_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True,
                disable=rank != 0 or not cfg.progress, mininterval=1.0)
-    window_tokens, window_start = 0, time.perf_counter()
+    # Logged values are means over the steps since the last log line, not one noisy step.
+    window_tokens, window_start, window_sums, window_steps = 0, time.perf_counter(), {}, 0
     for step in range(start, cfg.max_steps):
         model.train()
         global_batch = batch_at(step)
@@ -229,20 +230,23 @@ def train(
 
         done = step + 1
         bar.update(1)
+        window_steps += 1
+        for k, v in {"train/loss": total_loss, "train/grad_norm": float(grad_norm), **step_metrics}.items():
+            window_sums[k] = window_sums.get(k, 0.0) + v
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             elapsed = time.perf_counter() - window_start
             tps = window_tokens / max(elapsed, 1e-9)
-            last = {"train/loss": total_loss, "train/lr": scheduler.get_last_lr()[0],
-                    "train/grad_norm": float(grad_norm), "train/tokens_per_s": tps, **step_metrics}
+            last = {**{k: v / window_steps for k, v in window_sums.items()},
+                    "train/lr": scheduler.get_last_lr()[0], "train/tokens_per_s": tps}
             if peak and flops_per_token:
                 last["train/mfu"] = tps * flops_per_token / (peak * world)
-            window_tokens, window_start = 0, time.perf_counter()
+            window_tokens, window_start, window_sums, window_steps = 0, time.perf_counter(), {}, 0
             if evaluate is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
                 last.update(_run_eval(evaluate, raw_model))
             if rank == 0:
                 history.append({"step": done, **last})
                 tracker.log_metrics(last, step=done)
-                bar.set_postfix(loss=f"{total_loss:.3f}", tok_s=f"{tps:,.0f}")
+                bar.set_postfix(loss=f"{last['train/loss']:.3f}", tok_s=f"{tps:,.0f}")
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
             _save(ckpt.step_dir(output_dir, done), raw_model, tokenizer, meta, optimizer, scheduler, done, rank, world)
             if rank == 0:
