@@ -40,7 +40,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.collect:
         mlflow_uri = json.loads((args.home / "services" / "mlflow.json").read_text())["url"]
-        print(markdown(collect(MlflowClient(mlflow_uri), wall=None)))
+        report(collect(MlflowClient(mlflow_uri), wall=None), args.preset)
         return
     home = args.home or Path(tempfile.mkdtemp(prefix="flywheel-bench-"))
     env = {**os.environ, "FLYWHEEL_HOME": str(home)}
@@ -56,7 +56,11 @@ def main() -> None:
         result = collect(MlflowClient(mlflow_uri), wall)
     finally:
         subprocess.run([flywheel, "services", "down"], env=env, check=False, cwd=ROOT)
-    out = ROOT / "benchmarks" / "results" / f"lifecycle-{args.preset}.json"
+    report(result, args.preset)
+
+
+def report(result: dict, preset: str) -> None:
+    out = ROOT / "benchmarks" / "results" / f"lifecycle-{preset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(markdown(result))
