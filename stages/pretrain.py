@@ -151,7 +151,7 @@ def run(cfg: PretrainConfig, tracker: Tracker | None = None) -> PretrainResult:
     if rank == 0:
         tracker.log_metrics({"eval/unigram_perplexity": metrics["eval/unigram_perplexity"]})
         plot = plot_curves(result.history, Path(cfg.output_dir) / "pretrain_curves.png", "pretraining",
-                           ["train/loss", "train/tokens_per_s"])
+                           ["train/loss", "eval/perplexity", "train/tokens_per_s"])
         if plot:
             tracker.log_artifact(plot)
     return PretrainResult(checkpoint=ckpt.final_dir(cfg.output_dir), metrics=metrics)
