@@ -190,8 +190,11 @@ def lifecycle(preset: str = "tiny", overrides: list[str] | None = None) -> dict[
         scores = phase("evaluate", evaluate_flow, cfg, ctx, data.path, checkpoints)
         final = checkpoints["grpo"]
         version, gate = phase("promote", promote_flow, cfg, ctx, final, scores["grpo"])
-    except BaseException:
+    except Exception:
         end_run(parent, "FAILED")
+        raise
+    except BaseException:  # ^C: stopped, not broken
+        end_run(parent, "KILLED")
         raise
     parent.log_metrics({**{f"{k}/{stage}": v for stage, m in scores.items() for k, v in m.items()},
                         **{f"time/{k}_s": v for k, v in timings.items()}})
