@@ -9,6 +9,7 @@ temporary name and renamed last, so a crash mid-save never leaves a checkpoint t
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -114,3 +115,8 @@ def parent_summary(policy: Path) -> dict[str, Any]:
         return {}
     return {"stage": meta.get("stage"), "lineage": meta.get("lineage", {}), "parent": meta.get("parent"),
             "parent_meta": meta.get("parent_meta")}
+
+
+def frozen_copy(model: PreTrainedModel, device: torch.device) -> PreTrainedModel:
+    """A frozen copy of the starting policy: the reference that DPO and GRPO measure drift against."""
+    return copy.deepcopy(model).to(device).eval().requires_grad_(False)

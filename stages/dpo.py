@@ -9,7 +9,6 @@ is correct and well formatted, the rejected one is wrong or unformatted.
 
 from __future__ import annotations
 
-import copy
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,7 +103,7 @@ def run(cfg: DPOConfig, tracker: Tracker | None = None) -> DPOResult:
     tokenizer = ckpt.load_tokenizer(cfg.policy)
     model = ckpt.load_model(cfg.policy)
     device = pick_device()
-    reference = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+    reference = ckpt.frozen_copy(model, device)
     pairs = load_pairs(cfg.pairs) if cfg.pairs else synthetic_pairs(load_problems(cfg.dataset, "train"), cfg.train.seed)
     encoded = [(prompt_and_response(tokenizer, p["prompt"], p["chosen"]),
                 prompt_and_response(tokenizer, p["prompt"], p["rejected"])) for p in pairs]

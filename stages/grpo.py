@@ -14,7 +14,6 @@ clip never binds, and this is REINFORCE with a group-mean baseline and a KL leas
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,7 +91,7 @@ def run(cfg: GRPOConfig, tracker: Tracker | None = None) -> GRPOResult:
     tokenizer = ckpt.load_tokenizer(cfg.policy)
     model = ckpt.load_model(cfg.policy)
     device = pick_device()
-    reference = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+    reference = ckpt.frozen_copy(model, device)
     problems = load_problems(cfg.dataset, "train")
     tracker.log_params({"stage": "grpo", **to_dict(cfg), "data/problems": len(problems)})
     rollouts: dict[int, dict[str, torch.Tensor]] = {}
