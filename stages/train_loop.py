@@ -246,7 +246,10 @@ def train(
             if rank == 0:
                 history.append({"step": done, **last})
                 tracker.log_metrics(last, step=done)
-                bar.set_postfix(loss=f"{last['train/loss']:.3f}", tok_s=f"{tps:,.0f}")
+                shown = {"loss": f"{last['train/loss']:.3f}", "tok_s": f"{tps:,.0f}"}
+                if "rl/reward_mean" in last:  # an RL loss hovers near 0 by design; the reward is the news
+                    shown["reward"] = f"{last['rl/reward_mean']:.3f}"
+                bar.set_postfix(shown)
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
             _save(ckpt.step_dir(output_dir, done), raw_model, tokenizer, meta, optimizer, scheduler, done, rank, world)
             if rank == 0:
