@@ -31,8 +31,8 @@ services-down:
 	$(BIN)/flywheel services down
 
 bench: install
-	$(BIN)/python benchmarks/platform_tax.py
-	$(BIN)/python benchmarks/learning.py
+	$(BIN)/python benchmarks/platform_tax.py --steps 60 --repeats 3 --log-every 10
+	$(BIN)/python benchmarks/lifecycle.py --preset $(PRESET)
 
 clean:
 	-$(BIN)/flywheel services down
