@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 PRESET  ?= tiny
 ARGS    ?=
 
-.PHONY: install run test test-all services-up services-down bench clean
+.PHONY: install run test services-up services-down bench clean
 
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 $(BIN)/flywheel: pyproject.toml requirements.txt requirements-dev.txt constraints.txt
