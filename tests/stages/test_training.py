@@ -201,8 +201,8 @@ def test_prompt_and_response_mask_covers_the_answer_only(pretrained: Trained) ->
     assert tok.decode([i for i, m in zip(ids, mask) if m]) == answer + "<|end|>"
 
 
-def test_sft_batches_put_loss_on_assistant_tokens_only(corpus: Path, pretrained: Trained, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def record_sft_batches(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, torch.Tensor]]:
+    """Every batch SFT's loss sees, copied: to check what the stage actually trains on."""
     seen: list[dict[str, torch.Tensor]] = []
 
     def spy(model, batch):
@@ -210,6 +210,12 @@ def test_sft_batches_put_loss_on_assistant_tokens_only(corpus: Path, pretrained:
         return pretrain.lm_loss(model, batch)
 
     monkeypatch.setattr(sft, "lm_loss", spy)
+    return seen
+
+
+def test_sft_batches_put_loss_on_assistant_tokens_only(corpus: Path, pretrained: Trained, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = record_sft_batches(monkeypatch)
     sft.run(SFTConfig(dataset=corpus, policy=pretrained.checkpoint, output_dir=tmp_path, batch_size=6,
                       train=quiet_train(max_steps=1, warmup_steps=1)))
     tok = ckpt.load_tokenizer(pretrained.checkpoint)
@@ -231,13 +237,7 @@ def test_sft_batches_put_loss_on_assistant_tokens_only(corpus: Path, pretrained:
 def test_sft_replay_rows_are_corpus_windows_with_loss_on_every_token(corpus: Path, pretrained: Trained,
                                                                      tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[dict[str, torch.Tensor]] = []
-
-    def spy(model, batch):
-        seen.append({k: v.clone() for k, v in batch.items()})
-        return pretrain.lm_loss(model, batch)
-
-    monkeypatch.setattr(sft, "lm_loss", spy)
+    seen = record_sft_batches(monkeypatch)
     sft.run(SFTConfig(dataset=corpus, policy=pretrained.checkpoint, output_dir=tmp_path, batch_size=8,
                       replay_fraction=0.25, replay_seq_len=16, train=quiet_train(max_steps=1, warmup_steps=1)))
     (batch,) = seen
