@@ -19,6 +19,7 @@ import torch
 
 from infra.settings import load_settings
 from stages.config import from_dict, load_preset
+from stages.dataset import write_atomically
 from stages.model import ModelConfig
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -68,10 +69,7 @@ def machine() -> dict[str, Any]:
 def write_results(name: str, payload: dict[str, Any]) -> Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    tmp.rename(path)
-    return path
+    return write_atomically(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n"))
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:

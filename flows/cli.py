@@ -54,7 +54,7 @@ def cmd_services(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.lifecycle_config import LifecycleConfig
 
-    LifecycleConfig.load(args.preset, args.overrides)  # a typo fails before any server starts
+    cfg = LifecycleConfig.load(args.preset, args.overrides)  # a typo fails before any server starts
     log_file = _setup_logging("run")
     from infra import ray_executor, services
 
@@ -67,7 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         summary = lifecycle(preset=args.preset, overrides=args.overrides)
     finally:
         ray_executor.shutdown()
-    name = LifecycleConfig.load(args.preset, args.overrides).build("promote").model_name
+    name = cfg.build("promote").model_name
     champion = models.resolve(urls["mlflow"], name)
     local = models.download(urls["mlflow"], name, dst=load_settings().home / "champion" / name)
     gate = summary["gate"]

@@ -163,12 +163,12 @@ def lifecycle(preset: str = "tiny", overrides: list[str] | None = None) -> dict[
     mlflow_uri = s.mlflow_tracking_uri
     if not mlflow_uri:
         raise RuntimeError("MLFLOW_TRACKING_URI is not set: start services with `flywheel services up`")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp, commit = time.strftime("%Y%m%d-%H%M%S"), git_commit()
     parent = start_run(mlflow_uri, EXPERIMENT, f"lifecycle-{stamp}",
-                       tags={"prefect.flow_run_id": str(flow_run.id or ""), "git.commit": git_commit(), "preset": preset})
+                       tags={"prefect.flow_run_id": str(flow_run.id or ""), "git.commit": commit, "preset": preset})
     parent.log_params({"preset": preset, **cfg.sections})
     ctx = RunContext(run_dir=s.runs_dir / stamp, mlflow_uri=mlflow_uri, parent_run_id=parent.run_id,
-                     lineage={"lifecycle.run_id": parent.run_id, "git.commit": git_commit(), "preset": preset})
+                     lineage={"lifecycle.run_id": parent.run_id, "git.commit": commit, "preset": preset})
     timings: dict[str, float] = {}
 
     def phase(name, fn, *args):

@@ -57,10 +57,6 @@ class Settings:
         return os.environ.get("FLYWHEEL_DVC_REMOTE") or str(self.home / "dvc-remote")
 
     @property
-    def prefect_api_url(self) -> str | None:
-        return os.environ.get("PREFECT_API_URL") or None
-
-    @property
     def mlflow_tracking_uri(self) -> str | None:
         return os.environ.get("MLFLOW_TRACKING_URI") or None
 

@@ -15,10 +15,8 @@ about 98 % of its characters and every generated arithmetic question.
 from __future__ import annotations
 
 import json
-import os
 import re
 import unicodedata
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +24,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stages.collect import write_jsonl
 from stages.config import to_dict
-from stages.dataset import read_dataset, write_dataset
+from stages.dataset import read_dataset, write_atomically, write_dataset, write_jsonl
 from stages.tracking import NullTracker, Tracker
 
 # C0/C1 controls except \t and \n; \r is turned into \n before this runs.
@@ -122,12 +119,6 @@ def _is_null(value: Any) -> bool:
     return value is None or (isinstance(value, float) and np.isnan(value))
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # keeps the suffix savefig looks at
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def plot_report(dropped: dict[str, int], lengths: np.ndarray, path: Path) -> None:
     # Figure without pyplot: no global backend switch, no GUI, safe in worker threads.
     from matplotlib.figure import Figure
@@ -143,7 +134,7 @@ def plot_report(dropped: dict[str, int], lengths: np.ndarray, path: Path) -> Non
         hist.set_xscale("log")
     hist.set_title(f"kept texts ({len(lengths)} rows)")
     hist.set_xlabel("characters")
-    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
 
 
 def run(cfg: CleanConfig, tracker: Tracker | None = None) -> CleanResult:
@@ -197,7 +188,7 @@ def run(cfg: CleanConfig, tracker: Tracker | None = None) -> CleanResult:
         "chars_out": int(lengths.sum()), "config": to_dict(cfg),
     }
     report_path = out / "report.json"
-    _atomic(report_path, lambda tmp: tmp.write_text(json.dumps(report, indent=2, sort_keys=True)))
+    write_atomically(report_path, lambda tmp: tmp.write_text(json.dumps(report, indent=2, sort_keys=True)))
     plot_path = out / "data_report.png"
     plot_report(dropped, lengths, plot_path)
 

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from stages.config import to_dict
-from stages.dataset import write_dataset
+from stages.dataset import write_dataset, write_jsonl
 from stages.tasks import arithmetic
 from stages.tracking import NullTracker, Tracker
 
@@ -265,15 +265,6 @@ def file_records(path: Path, text_field: str, quarantine: list[dict[str, Any]]) 
 
 
 # --- the stage -------------------------------------------------------------------------------
-
-
-def write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
-    """Atomically: a reader never sees half a file."""
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def run(cfg: CollectConfig, tracker: Tracker | None = None) -> CollectResult:

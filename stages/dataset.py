@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,24 @@ def commit_dir(tmp: Path, final: Path) -> None:
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
+    """`write(tmp)` to a temporary sibling (same suffix, so savefig/np.save keep it), then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    write(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def write_jsonl(rows: list[dict[str, Any]], path: Path) -> Path:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+    return write_atomically(path, write)
 
 
 def write_dataset(records: Iterable[dict[str, Any]], out_dir: Path, shard_rows: int = 50_000) -> int:

@@ -17,7 +17,8 @@ import torch
 from stages import checkpoint as ckpt
 from stages.chat import load_problems, prompt_text
 from stages.config import to_dict
-from stages.pretrain import heldout_perplexity, tokenize_corpus
+from stages.dataset import write_atomically
+from stages.pretrain import heldout_perplexity, heldout_texts, token_stream
 from stages.rewards import correctness, well_formatted
 from stages.rollout import sample
 from stages.tracking import NullTracker, Tracker
@@ -70,7 +71,7 @@ def run(cfg: EvaluateConfig, tracker: Tracker | None = None) -> EvaluateResult:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    _, heldout = tokenize_corpus(cfg.dataset, tokenizer, cfg.heldout_fraction, out / "tokens")
+    heldout = token_stream(heldout_texts(cfg.dataset, cfg.heldout_fraction)[1], tokenizer)
     with torch.no_grad():
         metrics = {"eval/perplexity": heldout_perplexity(model, heldout, cfg.seq_len, cfg.perplexity_windows)}
     samples: list[dict] = []
@@ -79,11 +80,9 @@ def run(cfg: EvaluateConfig, tracker: Tracker | None = None) -> EvaluateResult:
                                             cfg.max_new_tokens, cfg.batch_size)
         metrics |= scores
 
-    report = out / "evaluation.json"
-    tmp = report.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"checkpoint": str(cfg.checkpoint), "config": to_dict(cfg), "metrics": metrics,
-                               "samples": samples[:50]}, indent=2))
-    tmp.rename(report)
+    report = write_atomically(out / "evaluation.json", lambda tmp: tmp.write_text(json.dumps(
+        {"checkpoint": str(cfg.checkpoint), "config": to_dict(cfg), "metrics": metrics, "samples": samples[:50]},
+        indent=2)))
     tracker.log_metrics(metrics)
     tracker.log_artifact(report)
     return EvaluateResult(report=report, metrics=metrics)

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from stages import checkpoint as ckpt
 from stages.config import to_dict
-from stages.dataset import is_heldout, read_dataset
+from stages.dataset import is_heldout, read_dataset, write_atomically
 from stages.model import ModelConfig, build_model, count_parameters
 from stages.plots import plot_curves
 from stages.tracking import NullTracker, Tracker
@@ -56,24 +56,28 @@ class PretrainResult:
     metrics: dict[str, float]
 
 
+def token_stream(texts: list[str], tokenizer) -> np.ndarray:
+    """Documents tokenized and joined, each followed by the bos token (the document separator)."""
+    sep = tokenizer.bos_token_id
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return np.fromiter((t for doc in ids for t in (*doc, sep)), dtype=np.int32)
+
+
+def heldout_texts(dataset: Path, heldout_fraction: float) -> tuple[list[str], list[str]]:
+    """(train, held-out) texts, split by record id."""
+    df = read_dataset(dataset)
+    held = df["id"].map(lambda rid: is_heldout(rid, heldout_fraction))
+    return df.loc[~held, "text"].tolist(), df.loc[held, "text"].tolist()
+
+
 def tokenize_corpus(dataset: Path, tokenizer, heldout_fraction: float, cache: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(train, held-out) token streams, documents separated by the bos token; cached as .npy."""
-    train_file, heldout_file = cache / "train.npy", cache / "heldout.npy"
-    if not (train_file.exists() and heldout_file.exists()):
-        df = read_dataset(dataset)
-        ids = tokenizer(df["text"].tolist(), add_special_tokens=False)["input_ids"]
-        sep = tokenizer.bos_token_id
-        streams: dict[bool, list[int]] = {True: [], False: []}
-        for rid, toks in zip(df["id"], ids, strict=True):
-            stream = streams[is_heldout(rid, heldout_fraction)]
-            stream.extend(toks)
-            stream.append(sep)
-        cache.mkdir(parents=True, exist_ok=True)
-        for path, stream in ((train_file, streams[False]), (heldout_file, streams[True])):
-            tmp = path.with_suffix(".tmp.npy")
-            np.save(tmp, np.asarray(stream, dtype=np.int32))
-            tmp.rename(path)
-    return np.load(train_file), np.load(heldout_file)
+    """(train, held-out) token streams; cached as .npy so retries and other ranks skip the work."""
+    files = cache / "train.npy", cache / "heldout.npy"
+    if not all(f.exists() for f in files):
+        for path, texts in zip(files, heldout_texts(dataset, heldout_fraction), strict=True):
+            stream = token_stream(texts, tokenizer)
+            write_atomically(path, lambda tmp, stream=stream: np.save(tmp, stream))
+    return np.load(files[0]), np.load(files[1])
 
 
 def unigram_perplexity(train_tokens: np.ndarray, heldout_tokens: np.ndarray, vocab_size: int) -> float:

@@ -214,12 +214,13 @@ def train(
             mb = {k: v.to(device, non_blocking=True) for k, v in _slice(local, lo, lo + micro).items()}
             is_last = lo + micro >= n
             sync = model.no_sync() if (world > 1 and not is_last) else nullcontext()
+            weight = mb_size_fraction(mb, n)
             with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss, metrics = loss_fn(model, mb)
-                (loss * mb_size_fraction(mb, n)).backward()
-            total_loss += loss.item() * mb_size_fraction(mb, n)
+                (loss * weight).backward()
+            total_loss += loss.item() * weight
             for k, v in metrics.items():
-                step_metrics[k] = step_metrics.get(k, 0.0) + v * mb_size_fraction(mb, n)
+                step_metrics[k] = step_metrics.get(k, 0.0) + v * weight
             window_tokens += sum(int(v.numel()) for k, v in mb.items() if k.endswith("input_ids")) * world
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
