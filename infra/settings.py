@@ -76,17 +76,21 @@ def load_settings() -> Settings:
     return Settings(home=home, repo_root=repo)
 
 
+def dvc_env(settings: Settings) -> dict[str, str]:
+    """DVC's machine-wide state under the state root, not /var/tmp/dvc and ~/.config/dvc."""
+    return {
+        "DVC_SITE_CACHE_DIR": str(settings.home / "dvc" / "site-cache"),
+        "DVC_GLOBAL_CONFIG_DIR": str(settings.home / "dvc" / "global"),
+        "DVC_SYSTEM_CONFIG_DIR": str(settings.home / "dvc" / "system"),
+        "DVC_NO_ANALYTICS": "1",
+    }
+
+
 def apply_offline_env(settings: Settings | None = None) -> dict[str, str]:
-    """Set the offline/no-telemetry environment in this process (children inherit it)."""
+    """Set the offline/no-telemetry environment in this process (children inherit it); set values win."""
     s = settings or load_settings()
-    env = dict(OFFLINE_ENV)
-    env.update({
-        "PREFECT_HOME": str(s.home / "prefect"),
-        "DVC_SITE_CACHE_DIR": str(s.home / "dvc" / "site-cache"),
-        "DVC_GLOBAL_CONFIG_DIR": str(s.home / "dvc" / "global"),
-        "DVC_SYSTEM_CONFIG_DIR": str(s.home / "dvc" / "system"),
-        "MPLCONFIGDIR": str(s.home / "matplotlib"),
-    })
+    env = {**OFFLINE_ENV, **dvc_env(s), "PREFECT_HOME": str(s.home / "prefect"),
+           "MPLCONFIGDIR": str(s.home / "matplotlib")}
     for k, v in env.items():
         os.environ.setdefault(k, v)
     return env

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from infra.settings import load_settings
+from infra.settings import dvc_env, load_settings
 
 REMOTE_NAME = "local"
 
@@ -42,18 +42,10 @@ class DataVersion:
 
 def _isolate_dvc_env() -> dict[str, str]:
     """Keep DVC's machine-wide state under the state root; variables already set are kept."""
-    home = load_settings().home
-    defaults = {
-        "DVC_SITE_CACHE_DIR": str(home / "dvc" / "site-cache"),
-        "DVC_GLOBAL_CONFIG_DIR": str(home / "dvc" / "global"),
-        "DVC_SYSTEM_CONFIG_DIR": str(home / "dvc" / "system"),
-        "DVC_NO_ANALYTICS": "1",
-        "GIT_PYTHON_REFRESH": "quiet",
-    }
+    defaults = {**dvc_env(load_settings()), "GIT_PYTHON_REFRESH": "quiet"}
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     return {key: os.environ[key] for key in defaults}
-
 
 def _absolute_remote(remote_url: str) -> str:
     if "://" in str(remote_url):
