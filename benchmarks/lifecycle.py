@@ -78,11 +78,11 @@ def collect(client: MlflowClient, wall: float | None) -> dict:
     inside = sum(stage_seconds.values())
     pretrain = next(c for c in children if c.data.tags.get("mlflow.runName") == "pretrain").data.metrics
     learning = {stage: {k: m.get(f"{k}/{stage}") for k in
-                        ("eval/perplexity", "eval/arithmetic/accuracy", "eval/arithmetic/format_rate")}
+                        ("eval/heldout/perplexity", "eval/arithmetic/accuracy", "eval/arithmetic/format_rate")}
                 for stage in ("pretrain", "sft", "dpo", "grpo")}
     return {"command_wall_s": wall if wall is not None else float("nan"), "lifecycle_s": lifecycle_s, "phases_s": phases, "stages_s": stage_seconds,
             "inside_stages_s": inside, "overhead_share": 1 - inside / lifecycle_s,
-            "unigram_perplexity": pretrain.get("eval/unigram_perplexity"),
+            "unigram_perplexity": pretrain.get("eval/heldout/unigram_perplexity"),
             "pretrain_tokens_per_s": pretrain.get("train/tokens_per_s"), "learning": learning}
 
 
@@ -94,7 +94,7 @@ def markdown(r: dict) -> str:
               f"**{100 * r['overhead_share']:.1f} %**", "",
               "| checkpoint | held-out perplexity | arithmetic accuracy | format rate |", "|---|---|---|---|"]
     for stage, v in r["learning"].items():
-        lines.append(f"| {stage} | {v['eval/perplexity']:.1f} | {v['eval/arithmetic/accuracy']:.3f} | "
+        lines.append(f"| {stage} | {v['eval/heldout/perplexity']:.1f} | {v['eval/arithmetic/accuracy']:.3f} | "
                      f"{v['eval/arithmetic/format_rate']:.3f} |")
     lines.append(f"| unigram baseline | {r['unigram_perplexity']:.1f} | | |")
     return "\n".join(lines)

@@ -77,7 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"  files:     {local}")
     print(f"  load:      AutoModelForCausalLM.from_pretrained('{local}')")
     for stage, m in summary["scores"].items():
-        print(f"  {stage:9s} perplexity {m.get('eval/perplexity', float('nan')):8.2f}   arithmetic accuracy "
+        print(f"  {stage:9s} perplexity {m.get('eval/heldout/perplexity', float('nan')):8.2f}   arithmetic accuracy "
               f"{m.get('eval/arithmetic/accuracy', 0):.3f}   format {m.get('eval/arithmetic/format_rate', 0):.3f}")
     print(f"Prefect UI:  {urls['prefect_ui']}")
     print(f"MLflow UI:   {urls['mlflow_ui']}")

@@ -217,7 +217,7 @@ def summary_markdown(summary: dict[str, Any], mlflow_uri: str, cfg: LifecycleCon
              f"attributes.run_id%3D%27{summary['mlflow_run_id']}%27)", "",
              "| checkpoint | perplexity | arithmetic accuracy | format rate |", "|---|---|---|---|"]
     for stage, m in summary["scores"].items():
-        lines.append(f"| {stage} | {m.get('eval/perplexity', float('nan')):.2f} | "
+        lines.append(f"| {stage} | {m.get('eval/heldout/perplexity', float('nan')):.2f} | "
                      f"{m.get('eval/arithmetic/accuracy', 0):.3f} | {m.get('eval/arithmetic/format_rate', 0):.3f} |")
     lines += ["", "| phase | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in summary["timings"].items()]

@@ -73,7 +73,7 @@ def run(cfg: EvaluateConfig, tracker: Tracker | None = None) -> EvaluateResult:
 
     heldout = token_stream(heldout_texts(cfg.dataset, cfg.heldout_fraction)[1], tokenizer)
     with torch.no_grad():
-        metrics = {"eval/perplexity": heldout_perplexity(model, heldout, cfg.seq_len, cfg.perplexity_windows)}
+        metrics = {"eval/heldout/perplexity": heldout_perplexity(model, heldout, cfg.seq_len, cfg.perplexity_windows)}
     samples: list[dict] = []
     if cfg.arithmetic_problems:
         scores, samples = arithmetic_scores(model, tokenizer, cfg.dataset, cfg.arithmetic_problems,

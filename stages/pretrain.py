@@ -144,18 +144,18 @@ def run(cfg: PretrainConfig, tracker: Tracker | None = None) -> PretrainResult:
         return {"input_ids": x, "labels": x}
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
-        return {"eval/perplexity": heldout_perplexity(m, heldout_tokens, cfg.seq_len, cfg.eval_windows)}
+        return {"eval/heldout/perplexity": heldout_perplexity(m, heldout_tokens, cfg.seq_len, cfg.eval_windows)}
 
     meta = {"stage": "pretrain", "config": to_dict(cfg), "lineage": cfg.lineage, "parent": None}
     result = train(model, tokenizer, cfg=cfg.train, batch_at=batch_at, loss_fn=lm_loss,
                    output_dir=cfg.output_dir, meta=meta, evaluate=evaluate, tracker=tracker,
                    desc="pretrain", flops_per_token=flops_per_token)
     metrics = {**result.metrics,
-               "eval/unigram_perplexity": unigram_perplexity(train_tokens, heldout_tokens, len(tokenizer))}
+               "eval/heldout/unigram_perplexity": unigram_perplexity(train_tokens, heldout_tokens, len(tokenizer))}
     if rank == 0:
-        tracker.log_metrics({"eval/unigram_perplexity": metrics["eval/unigram_perplexity"]})
+        tracker.log_metrics({"eval/heldout/unigram_perplexity": metrics["eval/heldout/unigram_perplexity"]})
         plot = plot_curves(result.history, Path(cfg.output_dir) / "pretrain_curves.png", "pretraining",
-                           ["train/loss", "eval/perplexity", "train/tokens_per_s"])
+                           ["train/loss", "eval/heldout/perplexity", "train/tokens_per_s"])
         if plot:
             tracker.log_artifact(plot)
     return PretrainResult(checkpoint=ckpt.final_dir(cfg.output_dir), metrics=metrics)

@@ -37,7 +37,7 @@ FAST = [
     "sft.batch_size=8", "sft.train.max_steps=6", "dpo.batch_size=4", "dpo.train.max_steps=3",
     "grpo.group_size=2", "grpo.prompts_per_step=2", "grpo.max_new_tokens=8", "grpo.train.max_steps=2",
     "evaluate.arithmetic_problems=10", "evaluate.perplexity_windows=16",
-    "promote.metric=eval/perplexity", "promote.higher_is_better=false", "promote.tolerance=0",
+    "promote.metric=eval/heldout/perplexity", "promote.higher_is_better=false", "promote.tolerance=0",
 ]
 
 

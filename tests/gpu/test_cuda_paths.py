@@ -52,7 +52,7 @@ def test_pretrain_uses_bf16_compile_and_reports_mfu(pretrained):
     mfu = tracker.series("train/mfu")
     assert mfu and all(0 < m < 1 for m in mfu), mfu
     print(f"\nGPU pretrain (small preset): tokens/s {tracker.series('train/tokens_per_s')}, MFU {mfu}")
-    assert math.isfinite(result.metrics["eval/perplexity"])
+    assert math.isfinite(result.metrics["eval/heldout/perplexity"])
 
 
 def test_checkpoint_from_gpu_is_fp32_and_loads_on_cpu(pretrained):

@@ -71,7 +71,7 @@ def test_pretrain_loss_is_finite_and_decreases_and_beats_unigram(pretrained: Tra
     assert last < first - 0.3, losses
     m = pretrained.result.metrics
     # Perplexity must beat the unigram floor on the same held-out tokens, or nothing was learned.
-    assert 1 < m["eval/perplexity"] < m["eval/unigram_perplexity"]
+    assert 1 < m["eval/heldout/perplexity"] < m["eval/heldout/unigram_perplexity"]
     assert pretrained.tracker.params["stage"] == "pretrain" and pretrained.tracker.params["model/parameters"] > 0
 
 
@@ -94,7 +94,7 @@ def test_pretrain_checkpoint_contents(pretrained: Trained) -> None:
     assert meta["config"] == to_dict(pretrained.cfg)
     assert meta["lineage"] == LINEAGE
     assert re.fullmatch(r"[0-9a-f]{40}|unknown", meta["git_commit"])
-    assert {"train/loss", "eval/perplexity"} <= set(meta["metrics"])
+    assert {"train/loss", "eval/heldout/perplexity"} <= set(meta["metrics"])
     assert meta["metrics"]["train/loss"] == pretrained.tracker.series("train/loss")[-1]
     # keep_checkpoints=2 of steps 10, 20, 30; each resumable with the HF files plus trainer state.
     steps = sorted(p.name for p in (pretrained.cfg.output_dir / "checkpoints").iterdir())
@@ -339,7 +339,7 @@ def test_evaluate_reports_bounded_metrics(corpus: Path, sft_trained: Trained, tm
     tracker = RecordingTracker()
     result = evaluate.run(cfg, tracker=tracker)
     m = result.metrics
-    assert math.isfinite(m["eval/perplexity"]) and m["eval/perplexity"] > 1
+    assert math.isfinite(m["eval/heldout/perplexity"]) and m["eval/heldout/perplexity"] > 1
     assert 0 <= m["eval/arithmetic/accuracy"] <= 1 and 0 <= m["eval/arithmetic/format_rate"] <= 1
     assert m["eval/arithmetic/n"] == 6
     report = json.loads(result.report.read_text())
@@ -355,7 +355,7 @@ def test_evaluate_perplexity_matches_pretraining(corpus: Path, pretrained: Train
     cfg = EvaluateConfig(checkpoint=pretrained.checkpoint, dataset=corpus, output_dir=tmp_path, seq_len=64,
                          perplexity_windows=pretrained.cfg.eval_windows, arithmetic_problems=0)
     m = evaluate.run(cfg).metrics
-    assert m["eval/perplexity"] == pytest.approx(pretrained.result.metrics["eval/perplexity"], rel=1e-4)
+    assert m["eval/heldout/perplexity"] == pytest.approx(pretrained.result.metrics["eval/heldout/perplexity"], rel=1e-4)
     assert "eval/arithmetic/accuracy" not in m
 
 
