@@ -2,7 +2,8 @@
 
 Scale-out is a matter of settings: `PREFECT_API_URL`, `MLFLOW_TRACKING_URI`, `RAY_ADDRESS` point at
 real servers/clusters; `FLYWHEEL_HOME` moves the state root; `FLYWHEEL_DVC_REMOTE` names a DVC
-remote URL (default: a directory under the state root).
+remote URL (default: a directory under the state root); `SERVING_URL` is the OpenAI base URL of
+serving that runs elsewhere.
 """
 
 from __future__ import annotations
@@ -53,12 +54,22 @@ class Settings:
         return self.home / "services"
 
     @property
+    def locks_dir(self) -> Path:
+        # Cross-process locks (fcntl) of flywheel processes sharing this state root.
+        return self.home / "locks"
+
+    @property
     def dvc_remote(self) -> str:
         return os.environ.get("FLYWHEEL_DVC_REMOTE") or str(self.home / "dvc-remote")
 
     @property
     def mlflow_tracking_uri(self) -> str | None:
         return os.environ.get("MLFLOW_TRACKING_URI") or None
+
+    @property
+    def serving_url(self) -> str | None:
+        """The OpenAI base URL of serving that runs elsewhere (then nothing is started here)."""
+        return os.environ.get("SERVING_URL") or None
 
     @property
     def ray_address(self) -> str | None:
