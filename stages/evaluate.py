@@ -1,28 +1,73 @@
-"""Evaluate a checkpoint: held-out perplexity, arithmetic accuracy and format rate.
+"""Evaluate a checkpoint on chosen tasks, with a standard error beside every number and per-item scores.
 
-    flywheel stage evaluate checkpoint=<dir> dataset=data/clean output_dir=/tmp/eval
+    flywheel stage evaluate checkpoint=<dir> dataset=data/clean output_dir=/tmp/eval \
+        'tasks=[heldout,arithmetic,arithmetic_mc]' passk_samples=8
 
-Perplexity uses the same held-out split (by record id) as pretraining, so numbers are comparable
-along the lineage. Arithmetic is the test split, answered greedily: exact match of <answer>.
+Writes under output_dir:
+- `evaluation.json`: config, metrics, item counts, timings, sample completions;
+- `items.jsonl`: one row `{"metric", "item", "value"}` per scored item, so a promotion gate can pair
+  a challenger with the champion item by item (ids depend only on the data and the config, never
+  on the checkpoint); every metric with items is exactly the mean of its items;
+- `passk_vs_temperature.png` when pass@k is measured.
+
+Every metric `eval/<task>/<metric>` has `eval/<task>/<metric>_stderr` beside it: the standard
+error of the mean over items, the delta method for perplexity, a seeded bootstrap for ECE.
+
+Tasks: `heldout` (per-token NLL and perplexity over fixed windows of pretraining's held-out
+documents: the split is read from the checkpoint's lineage, so it cannot differ from the one
+pretraining used), `arithmetic` (greedy exact match and format rate on the test split, pass@k from
+sampled completions), `arithmetic_mc` and `mmlu` (log-likelihood multiple choice, accuracy and
+ECE; see stages/tasks/multiple_choice.py), `gsm8k` (generative exact match of the final number).
+`harness_tasks` hands lm-evaluation-harness tasks to stages/harness.py.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from stages import checkpoint as ckpt
 from stages.chat import load_problems, prompt_text
 from stages.config import to_dict
-from stages.dataset import write_atomically
-from stages.pretrain import heldout_perplexity, heldout_texts, token_stream
+from stages.dataset import write_atomically, write_jsonl
+from stages.eval_stats import (bootstrap_stderr, expected_calibration_error, mean_stderr, pass_at_k,
+                               perplexity_stderr)
+from stages.plots import plt  # the headless backend is chosen there
+from stages.pretrain import heldout_texts, token_stream
 from stages.rewards import correctness, well_formatted
-from stages.rollout import sample
+from stages.rollout import sample, token_logprobs
+from stages.tasks import gsm8k
+from stages.tasks import multiple_choice as mc
 from stages.tracking import NullTracker, Tracker
 from stages.train_loop import pick_device
+
+log = logging.getLogger(__name__)
+
+TASKS = ("heldout", "arithmetic", "arithmetic_mc", "mmlu", "gsm8k")
+ITEMS = "items.jsonl"
+
+
+class MissingTokenizer(FileNotFoundError):
+    """The checkpoint directory has no tokenizer files."""
+
+
+class HeldoutSplitUnknown(ValueError):
+    """No pretraining checkpoint in the lineage, and no held-out fraction given."""
+
+
+class HeldoutSplitMismatch(ValueError):
+    """A held-out fraction was given that differs from the one pretraining used."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,59 +75,364 @@ class EvaluateConfig:
     checkpoint: Path
     dataset: Path
     output_dir: Path
-    heldout_fraction: float = 0.02  # must match pretraining's
+    tasks: tuple[str, ...] = ("heldout", "arithmetic")  # any of TASKS
+    # heldout. None: the fraction pretraining used, read from the checkpoint's meta.json lineage.
+    # Set it only for a checkpoint whose lineage has no pretraining (a model from the Hub).
+    heldout_fraction: float | None = None
     seq_len: int = 128
     perplexity_windows: int = 64
-    arithmetic_problems: int = 200  # from the test split (0: skip)
+    # arithmetic and arithmetic_mc: the first N problems of the test split (None: all of them)
+    arithmetic_problems: int | None = 200
     max_new_tokens: int = 24
-    batch_size: int = 50
+    passk_samples: int = 0  # sampled completions per problem for pass@k (0: no pass@k)
+    passk_k: tuple[int, ...] = (1, 4)
+    passk_temperatures: tuple[float, ...] = (0.7, 1.0)
+    # file-based tasks; `limit` caps the items per file (and per harness task)
+    mmlu_files: tuple[Path, ...] = ()  # MMLU CSVs: question,A,B,C,D,answer
+    gsm8k_files: tuple[Path, ...] = ()  # GSM8K JSONL: {"question", "answer"} with "#### <number>"
+    gsm8k_max_new_tokens: int = 256
+    limit: int | None = None
+    harness_tasks: tuple[str, ...] = ()  # lm-evaluation-harness task names (stages/harness.py)
+    harness_include: Path | None = None  # a folder of extra task YAMLs
+    ece_bins: int = 10
+    batch_size: int = 50  # sequences per forward pass / generate call
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        def as_tuple(name: str, kind: Callable = str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, str | Path):  # `tasks=heldout` or `tasks=heldout,arithmetic` on a command line
+                value = [v.strip() for v in str(value).split(",") if v.strip()]
+            object.__setattr__(self, name, tuple(kind(v) for v in value))
+
+        for name, kind in (("tasks", str), ("mmlu_files", Path), ("gsm8k_files", Path), ("harness_tasks", str),
+                           ("passk_k", int), ("passk_temperatures", float)):
+            as_tuple(name, kind)
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"evaluate.tasks: unknown task {unknown[0]!r} (valid tasks: {', '.join(TASKS)})")
+        for task, files in (("mmlu", self.mmlu_files), ("gsm8k", self.gsm8k_files)):
+            if (task in self.tasks) != bool(files):
+                raise ValueError(f"evaluate: task {task!r} needs {task}_files and {task}_files needs {task!r} "
+                                 f"in tasks (tasks={list(self.tasks)}, {task}_files={[str(f) for f in files]})")
+        if self.passk_samples and not all(1 <= k <= self.passk_samples for k in self.passk_k):
+            raise ValueError(f"evaluate.passk_k must lie in [1, passk_samples={self.passk_samples}], got {self.passk_k}")
+        if self.passk_samples and not all(t > 0 for t in self.passk_temperatures):
+            raise ValueError(f"evaluate.passk_temperatures must be > 0 (greedy is accuracy), got {self.passk_temperatures}")
+        if self.heldout_fraction is not None and not 0 < self.heldout_fraction < 0.5:
+            raise ValueError(f"evaluate.heldout_fraction must be in (0, 0.5), got {self.heldout_fraction}")
+        for name in ("arithmetic_problems", "limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"evaluate.{name} must be >= 1 or null (all), got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
 class EvaluateResult:
-    report: Path
+    report: Path  # evaluation.json
+    items: Path  # items.jsonl
     metrics: dict[str, float]
 
 
+@dataclass
+class TaskOutput:
+    metrics: dict[str, float]
+    items: list[dict[str, Any]]  # {"metric", "item", "value"}
+    samples: list[dict[str, Any]]
+
+
+def item_rows(metric: str, values: dict[str, float]) -> list[dict[str, Any]]:
+    return [{"metric": metric, "item": item, "value": float(v)} for item, v in values.items()]
+
+
+def summarize(metric: str, values: dict[str, float]) -> dict[str, float]:
+    """`metric` and `metric_stderr` from per-item values: the aggregate is their plain mean."""
+    mean, se = mean_stderr(list(values.values()))
+    return {metric: mean, f"{metric}_stderr": se}
+
+
+def read_items(path: Path) -> dict[str, dict[str, float]]:
+    """items.jsonl as metric -> item id -> value."""
+    out: dict[str, dict[str, float]] = {}
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                metric, item, value = row["metric"], row["item"], float(row["value"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{path}:{line_no}: not an items row {{metric, item, value}} ({e})") from None
+            if item in out.setdefault(metric, {}):
+                raise ValueError(f"{path}:{line_no}: item {item!r} of {metric} appears twice")
+            out[metric][item] = value
+    return out
+
+
+# --- the held-out split: pretraining's, by construction -----------------------------------
+
+
+def pretraining_config(checkpoint: Path) -> dict[str, Any]:
+    """The config of the pretraining run `checkpoint` descends from, following meta.json parents."""
+    path, chain = Path(checkpoint), []
+    for _ in range(64):  # a lineage is a handful of stages; the cap only guards against a cycle
+        meta_file = path / ckpt.META
+        if not meta_file.exists():
+            chain.append(f"no {ckpt.META} in {path}")
+            break
+        meta = json.loads(meta_file.read_text())
+        chain.append(f"{meta.get('stage')} at {path}")
+        if meta.get("stage") == "pretrain" and "heldout_fraction" in meta.get("config", {}):
+            return meta["config"]
+        if not meta.get("parent"):
+            break
+        path = Path(meta["parent"])
+    raise HeldoutSplitUnknown(
+        f"{checkpoint}: cannot tell which documents pretraining held out: no pretraining checkpoint in its "
+        f"lineage ({' -> '.join(chain)}); pass evaluate.heldout_fraction=<the fraction pretraining used>")
+
+
+def heldout_fraction_of(cfg: EvaluateConfig) -> float:
+    try:
+        pretrain = pretraining_config(cfg.checkpoint)
+    except HeldoutSplitUnknown:
+        if cfg.heldout_fraction is None:
+            raise
+        return cfg.heldout_fraction
+    fraction = float(pretrain["heldout_fraction"])
+    if cfg.heldout_fraction is not None and cfg.heldout_fraction != fraction:
+        raise HeldoutSplitMismatch(f"evaluate.heldout_fraction={cfg.heldout_fraction} but {cfg.checkpoint} was "
+                                   f"pretrained with heldout_fraction={fraction}: leave it unset")
+    if Path(pretrain.get("dataset", cfg.dataset)).resolve() != Path(cfg.dataset).resolve():
+        log.warning("evaluate: pretraining read %s, evaluation reads %s: the held-out split is by record id, "
+                    "so perplexity is comparable only if both hold the same records", pretrain["dataset"], cfg.dataset)
+    return fraction
+
+
+def heldout_tokens(cfg: EvaluateConfig, tokenizer) -> np.ndarray:
+    """The held-out token stream pretraining measured perplexity on (same documents, same order)."""
+    return token_stream(heldout_texts(cfg.dataset, heldout_fraction_of(cfg))[1], tokenizer)
+
+
 @torch.no_grad()
-def arithmetic_scores(model, tokenizer, dataset: Path, n: int, max_new_tokens: int, batch_size: int
-                      ) -> tuple[dict[str, float], list[dict]]:
-    problems = load_problems(dataset, "test")[:n]
+def window_nlls(model, tokens: np.ndarray, seq_len: int, max_windows: int, batch_size: int = 16,
+                progress: bool = False) -> dict[str, float]:
+    """Mean next-token NLL of each consecutive window, keyed by index and a hash of its tokens."""
+    n = min(max_windows, (len(tokens) - 1) // seq_len)
+    windows = tokens[: n * seq_len].reshape(n, seq_len).astype(np.int64)
+    device = next(model.parameters()).device
+    out: dict[str, float] = {}
+    for lo in tqdm(range(0, n, batch_size), desc="heldout", unit="batch", disable=not progress, dynamic_ncols=True):
+        x = torch.from_numpy(windows[lo : lo + batch_size]).to(device)
+        nll = -token_logprobs(model, x, torch.ones_like(x)).mean(dim=1)
+        for i, value in enumerate(nll.tolist(), start=lo):
+            # The hash keeps windows of a different tokenizer from pairing with these by index alone.
+            out[f"w{i:04d}-{hashlib.blake2b(windows[i].tobytes(), digest_size=4).hexdigest()}"] = value
+    return out
+
+
+def heldout_task(cfg: EvaluateConfig, model, tokenizer) -> TaskOutput:
+    nlls = window_nlls(model, heldout_tokens(cfg, tokenizer), cfg.seq_len, cfg.perplexity_windows,
+                       progress=cfg.progress)
+    if not nlls:
+        raise ValueError(f"{cfg.dataset}: held-out text is shorter than one window of seq_len={cfg.seq_len} tokens")
+    ppl, ppl_se = perplexity_stderr(list(nlls.values()))
+    metrics = {**summarize("eval/heldout/nll", nlls), "eval/heldout/perplexity": ppl,
+               "eval/heldout/perplexity_stderr": ppl_se}
+    return TaskOutput(metrics, item_rows("eval/heldout/nll", nlls), [])
+
+
+# --- arithmetic: greedy exact match and pass@k ---------------------------------------------
+
+
+def arithmetic_scores(model, tokenizer, problems: list, *, max_new_tokens: int, batch_size: int,
+                      n: int = 1, temperature: float = 0.0, seed: int = 0, progress: bool = False) -> list[dict]:
+    """One row per completion (`n` per problem, in order): id, question, answer, completion, verdicts."""
     rows = []
-    for lo in range(0, len(problems), batch_size):
-        chunk = problems[lo : lo + batch_size]
-        out = sample(model, tokenizer, [prompt_text(tokenizer, p.question) for p in chunk], n=1,
-                     max_new_tokens=max_new_tokens, temperature=0.0)
-        answers = [p.answer for p in chunk]
-        for p, text, ok, fmt in zip(chunk, out.texts, correctness(out.texts, answers=answers),
+    per_call = max(1, batch_size // n)
+    bar = tqdm(total=len(problems), desc=f"arithmetic T={temperature:g}", unit="problem", disable=not progress,
+               dynamic_ncols=True, mininterval=1.0)
+    for lo in range(0, len(problems), per_call):
+        chunk = problems[lo : lo + per_call]
+        out = sample(model, tokenizer, [prompt_text(tokenizer, p.question) for p in chunk], n=n,
+                     max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + lo)
+        expanded = [p for p in chunk for _ in range(n)]
+        for p, text, ok, fmt in zip(expanded, out.texts, correctness(out.texts, answers=[p.answer for p in expanded]),
                                     well_formatted(out.texts), strict=True):
-            rows.append({"question": p.question, "answer": p.answer, "completion": text, "correct": ok, "formatted": fmt})
-    accuracy = sum(r["correct"] for r in rows) / max(1, len(rows))
-    format_rate = sum(r["formatted"] for r in rows) / max(1, len(rows))
-    return {"eval/arithmetic/accuracy": accuracy, "eval/arithmetic/format_rate": format_rate,
-            "eval/arithmetic/n": float(len(rows))}, rows
+            rows.append({"id": mc.item_id(p.question), "question": p.question, "answer": p.answer,
+                         "completion": text, "correct": ok, "formatted": fmt})
+        bar.update(len(chunk))
+    bar.close()
+    return rows
+
+
+def passk_name(k: int, temperature: float) -> str:
+    """MLflow metric names allow no '@': pass@4 at T=0.7 is eval/arithmetic/pass_at_4_t0.7."""
+    return f"eval/arithmetic/pass_at_{k}_t{temperature:g}"
+
+
+def arithmetic_task(cfg: EvaluateConfig, model, tokenizer, problems: list) -> TaskOutput:
+    rows = arithmetic_scores(model, tokenizer, problems, max_new_tokens=cfg.max_new_tokens,
+                             batch_size=cfg.batch_size, progress=cfg.progress)
+    out = TaskOutput({}, [], rows)
+    for name, key in (("eval/arithmetic/accuracy", "correct"), ("eval/arithmetic/format_rate", "formatted")):
+        values = {r["id"]: r[key] for r in rows}
+        out.metrics |= summarize(name, values)
+        out.items += item_rows(name, values)
+    for t in cfg.passk_temperatures if cfg.passk_samples else ():
+        sampled = arithmetic_scores(model, tokenizer, problems, max_new_tokens=cfg.max_new_tokens,
+                                    batch_size=cfg.batch_size, n=cfg.passk_samples, temperature=t,
+                                    seed=cfg.seed, progress=cfg.progress)
+        right: dict[str, int] = {}
+        for r in sampled:
+            right[r["id"]] = right.get(r["id"], 0) + int(r["correct"])
+        for k in cfg.passk_k:
+            values = {i: pass_at_k(cfg.passk_samples, c, k) for i, c in right.items()}
+            out.metrics |= summarize(passk_name(k, t), values)
+            out.items += item_rows(passk_name(k, t), values)
+    return out
+
+
+def plot_passk(cfg: EvaluateConfig, metrics: dict[str, float], path: Path) -> Path:
+    """pass@k against sampling temperature, one line per k, error bars one standard error."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    temps = list(cfg.passk_temperatures)
+    for k in cfg.passk_k:
+        ys = [metrics[passk_name(k, t)] for t in temps]
+        errs = [metrics[f"{passk_name(k, t)}_stderr"] for t in temps]
+        ax.errorbar(temps, ys, yerr=[0 if math.isnan(e) else e for e in errs], marker="o", capsize=3,
+                    label=f"pass@{k} (n={cfg.passk_samples})")
+    if "eval/arithmetic/accuracy" in metrics:
+        ax.axhline(metrics["eval/arithmetic/accuracy"], color="gray", linestyle="--", label="greedy accuracy")
+    ax.set_xlabel("temperature")
+    ax.set_ylabel("fraction of problems solved")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("arithmetic: pass@k vs temperature")
+    fig.tight_layout()
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100))
+    plt.close(fig)
+    return path
+
+
+# --- multiple choice and GSM8K -------------------------------------------------------------
+
+
+def multiple_choice_task(cfg: EvaluateConfig, model, tokenizer, task: str, questions: list[mc.MCQuestion]
+                         ) -> TaskOutput:
+    scores = mc.score(model, tokenizer, questions, batch_size=cfg.batch_size, progress=cfg.progress, desc=task)
+    correct = {q.id: s.correct for q, s in zip(questions, scores, strict=True)}
+    confidence = {q.id: s.confidence for q, s in zip(questions, scores, strict=True)}
+    conf, acc = np.array(list(confidence.values())), np.array(list(correct.values()))
+    out = TaskOutput({}, [], [{"id": q.id, "prompt": q.prompt, "options": list(q.options), "answer": q.answer,
+                               "predicted": s.predicted, "loglikelihoods": list(s.loglikelihoods)}
+                              for q, s in zip(questions, scores, strict=True)])
+    for name, values in ((f"eval/{task}/accuracy", correct), (f"eval/{task}/confidence", confidence)):
+        out.metrics |= summarize(name, values)
+        out.items += item_rows(name, values)
+    out.metrics[f"eval/{task}/ece"] = expected_calibration_error(conf, acc, cfg.ece_bins)
+    out.metrics[f"eval/{task}/ece_stderr"] = bootstrap_stderr(
+        lambda idx: expected_calibration_error(conf[idx], acc[idx], cfg.ece_bins), len(conf), seed=cfg.seed)
+    return out
+
+
+def gsm8k_task(cfg: EvaluateConfig, model, tokenizer, problems: list[gsm8k.GSM8KProblem]) -> TaskOutput:
+    rows = []
+    for lo in tqdm(range(0, len(problems), cfg.batch_size), desc="gsm8k", unit="batch", disable=not cfg.progress,
+                   dynamic_ncols=True):
+        chunk = problems[lo : lo + cfg.batch_size]
+        out = sample(model, tokenizer, [prompt_text(tokenizer, p.question) for p in chunk], n=1,
+                     max_new_tokens=cfg.gsm8k_max_new_tokens, temperature=0.0)
+        rows += [{"id": p.id, "question": p.question, "answer": p.answer, "completion": text,
+                  "predicted": gsm8k.extract_prediction(text), "correct": gsm8k.is_correct(text, p.answer)}
+                 for p, text in zip(chunk, out.texts, strict=True)]
+    values = {r["id"]: r["correct"] for r in rows}
+    return TaskOutput(summarize("eval/gsm8k/accuracy", values), item_rows("eval/gsm8k/accuracy", values), rows)
+
+
+def harness_task(cfg: EvaluateConfig, device: torch.device) -> TaskOutput:
+    from stages import harness  # lm-evaluation-harness is heavy; import it only when asked for
+
+    metrics, items = harness.evaluate(cfg.checkpoint, list(cfg.harness_tasks), include_path=cfg.harness_include,
+                                      limit=cfg.limit, device=str(device))
+    return TaskOutput(dict(metrics), list(items), [])
+
+
+# --- the stage -----------------------------------------------------------------------------
+
+
+def load_tokenizer(checkpoint: Path):
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {checkpoint} does not exist")
+    if not any((checkpoint / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise MissingTokenizer(f"checkpoint {checkpoint} has no tokenizer (tokenizer.json or tokenizer_config.json); "
+                               "save it beside the weights, as stages.checkpoint.save_checkpoint does")
+    return ckpt.load_tokenizer(checkpoint)
+
+
+def load_task_data(cfg: EvaluateConfig) -> dict[str, list]:
+    """Every task's items, read before the model loads: a bad file fails in a second, not after an hour."""
+    data: dict[str, list] = {}
+    if {"arithmetic", "arithmetic_mc"} & set(cfg.tasks):
+        data["arithmetic"] = load_problems(cfg.dataset, "test")[: cfg.arithmetic_problems]
+    if "arithmetic_mc" in cfg.tasks:
+        data["arithmetic_mc"] = mc.arithmetic_mc(data["arithmetic"])
+    if "mmlu" in cfg.tasks:
+        data["mmlu"] = [q for f in cfg.mmlu_files for q in mc.load_mmlu_csv(f, cfg.limit)]
+    if "gsm8k" in cfg.tasks:
+        data["gsm8k"] = [p for f in cfg.gsm8k_files for p in gsm8k.load_gsm8k(f, cfg.limit)]
+    return data
 
 
 def run(cfg: EvaluateConfig, tracker: Tracker | None = None) -> EvaluateResult:
     tracker = tracker or NullTracker()
+    tokenizer = load_tokenizer(cfg.checkpoint)
+    data = load_task_data(cfg)
     device = pick_device()
     model = ckpt.load_model(cfg.checkpoint, device).eval()
-    tokenizer = ckpt.load_tokenizer(cfg.checkpoint)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
 
-    heldout = token_stream(heldout_texts(cfg.dataset, cfg.heldout_fraction)[1], tokenizer)
-    with torch.no_grad():
-        metrics = {"eval/heldout/perplexity": heldout_perplexity(model, heldout, cfg.seq_len, cfg.perplexity_windows)}
-    samples: list[dict] = []
-    if cfg.arithmetic_problems:
-        scores, samples = arithmetic_scores(model, tokenizer, cfg.dataset, cfg.arithmetic_problems,
-                                            cfg.max_new_tokens, cfg.batch_size)
-        metrics |= scores
+    runners: dict[str, Callable[[], TaskOutput]] = {
+        "heldout": lambda: heldout_task(cfg, model, tokenizer),
+        "arithmetic": lambda: arithmetic_task(cfg, model, tokenizer, data["arithmetic"]),
+        "arithmetic_mc": lambda: multiple_choice_task(cfg, model, tokenizer, "arithmetic_mc", data["arithmetic_mc"]),
+        "mmlu": lambda: multiple_choice_task(cfg, model, tokenizer, "mmlu", data["mmlu"]),
+        "gsm8k": lambda: gsm8k_task(cfg, model, tokenizer, data["gsm8k"]),
+        "harness": lambda: harness_task(cfg, device),
+    }
+    metrics: dict[str, float] = {}
+    items: list[dict[str, Any]] = []
+    samples: dict[str, list[dict]] = {}
+    timings: dict[str, float] = {}
+    for task in [*cfg.tasks, *(["harness"] if cfg.harness_tasks else [])]:
+        started = time.perf_counter()
+        result = runners[task]()
+        timings[task] = time.perf_counter() - started
+        metrics |= result.metrics
+        items += result.items
+        samples[task] = result.samples[:50]
+        log.info("evaluate %s: %d items in %.1f s", task, len(result.items), timings[task])
 
-    report = write_atomically(out / "evaluation.json", lambda tmp: tmp.write_text(json.dumps(
-        {"checkpoint": str(cfg.checkpoint), "config": to_dict(cfg), "metrics": metrics, "samples": samples[:50]},
-        indent=2)))
+    seen = set()
+    for row in items:  # a gate pairs by (metric, item): a duplicate would silently overwrite a score
+        key = (row["metric"], row["item"])
+        if key in seen:
+            raise ValueError(f"evaluate: item {row['item']!r} of {row['metric']} scored twice (duplicate data?)")
+        seen.add(key)
+    counts: dict[str, int] = {}
+    for row in items:
+        counts[row["metric"]] = counts.get(row["metric"], 0) + 1
+    plots = [plot_passk(cfg, metrics, out_dir / "passk_vs_temperature.png")] if (
+        "arithmetic" in cfg.tasks and cfg.passk_samples) else []
+
+    items_path = write_jsonl(items, out_dir / ITEMS)
+    report = write_atomically(out_dir / "evaluation.json", lambda tmp: tmp.write_text(json.dumps(
+        {"checkpoint": str(cfg.checkpoint), "config": to_dict(cfg), "metrics": metrics, "items": counts,
+         "timings_s": timings, "plots": [p.name for p in plots], "samples": samples}, indent=2)))
     tracker.log_metrics(metrics)
-    tracker.log_artifact(report)
-    return EvaluateResult(report=report, metrics=metrics)
+    for path in (report, items_path, *plots):
+        tracker.log_artifact(path)
+    return EvaluateResult(report=report, items=items_path, metrics=metrics)

@@ -17,15 +17,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stages import checkpoint as ckpt
-from stages import dpo, evaluate, grpo, pretrain, sft
+from stages import dpo, grpo, pretrain, sft
 from stages.chat import load_problems, prompt_and_response, prompt_ids
 from stages.config import PRESETS_DIR, ConfigError, from_dict, parse_overrides, to_dict
 from stages.dpo import DPOConfig
-from stages.evaluate import EvaluateConfig
 from stages.grpo import GRPOConfig
 from stages.model import ModelConfig, build_model
-from stages.rewards import correctness, well_formatted
-from stages.rollout import Samples
 from stages.sft import SFTConfig
 from stages.tasks.arithmetic import target
 from stages.tracking import RecordingTracker
@@ -328,62 +325,6 @@ def test_grpo_updates_the_policy_with_finite_rl_metrics(corpus: Path, sft_traine
     assert ckpt.read_meta(result.checkpoint)["stage"] == "grpo"
     assert ckpt.latest_checkpoint(tmp_path) == ckpt.step_dir(tmp_path, 3)
     assert_generates(result.checkpoint)
-
-
-# --- evaluation ------------------------------------------------------------------------------
-
-
-def test_evaluate_reports_bounded_metrics(corpus: Path, sft_trained: Trained, tmp_path: Path) -> None:
-    cfg = EvaluateConfig(checkpoint=sft_trained.checkpoint, dataset=corpus, output_dir=tmp_path, seq_len=64,
-                         perplexity_windows=16, arithmetic_problems=6, max_new_tokens=16, batch_size=4)
-    tracker = RecordingTracker()
-    result = evaluate.run(cfg, tracker=tracker)
-    m = result.metrics
-    assert math.isfinite(m["eval/heldout/perplexity"]) and m["eval/heldout/perplexity"] > 1
-    assert 0 <= m["eval/arithmetic/accuracy"] <= 1 and 0 <= m["eval/arithmetic/format_rate"] <= 1
-    assert m["eval/arithmetic/n"] == 6
-    report = json.loads(result.report.read_text())
-    assert report["metrics"] == m and len(report["samples"]) == 6
-    for s in report["samples"]:  # each row's verdict is the reward functions' verdict on its text
-        assert s["correct"] == correctness([s["completion"]], answers=[s["answer"]])[0]
-        assert s["formatted"] == well_formatted([s["completion"]])[0]
-    assert tracker.metrics[-1][1] == m and tracker.artifacts == [(result.report, None)]
-
-
-def test_evaluate_perplexity_matches_pretraining(corpus: Path, pretrained: Trained, tmp_path: Path) -> None:
-    # Same held-out split, same windows: the number is comparable along the lineage.
-    cfg = EvaluateConfig(checkpoint=pretrained.checkpoint, dataset=corpus, output_dir=tmp_path, seq_len=64,
-                         perplexity_windows=pretrained.cfg.eval_windows, arithmetic_problems=0)
-    m = evaluate.run(cfg).metrics
-    assert m["eval/heldout/perplexity"] == pytest.approx(pretrained.result.metrics["eval/heldout/perplexity"], rel=1e-4)
-    assert "eval/arithmetic/accuracy" not in m
-
-
-def test_arithmetic_scores_bookkeeping(corpus: Path, pretrained: Trained, monkeypatch: pytest.MonkeyPatch) -> None:
-    problems = load_problems(corpus, "test")[:7]
-    # Per problem, by position: right and formatted / right, bare / wrong, formatted / garbage.
-    def completion(i: int, answer: int) -> str:
-        return [f"<think>x</think> <answer>{answer}</answer>", f"<answer>{answer}</answer>",
-                f"<think>x</think> <answer>{answer + 1}</answer>", "no idea"][i % 4]
-
-    answer_of = {p.question: p.answer for p in problems}
-    index_of = {p.question: i for i, p in enumerate(problems)}
-
-    def fake_sample(model, tokenizer, prompts, *, n, max_new_tokens, temperature, seed=0):
-        assert n == 1 and temperature == 0.0
-        questions = [re.fullmatch(r"<\|user\|>(.*)<\|end\|><\|assistant\|>", p, re.DOTALL).group(1) for p in prompts]
-        texts = [completion(index_of[q], answer_of[q]) for q in questions]
-        return Samples(prompts=[[0]] * len(texts), completions=[[0]] * len(texts), texts=texts)
-
-    monkeypatch.setattr(evaluate, "sample", fake_sample)
-    tok = ckpt.load_tokenizer(pretrained.checkpoint)
-    scores, rows = evaluate.arithmetic_scores(None, tok, corpus, n=7, max_new_tokens=8, batch_size=3)
-    # Indices 0..6 -> kinds 0,1,2,3,0,1,2: correct at 0,1,4,5; formatted at 0,2,4,6.
-    assert scores == {"eval/arithmetic/accuracy": 4 / 7, "eval/arithmetic/format_rate": 4 / 7,
-                      "eval/arithmetic/n": 7.0}
-    assert [r["correct"] for r in rows] == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0]
-    assert [r["formatted"] for r in rows] == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
-    assert [r["question"] for r in rows] == [p.question for p in problems]
 
 
 # --- configuration ---------------------------------------------------------------------------
