@@ -1,7 +1,7 @@
 """The promotion gate: a paired non-inferiority test of challenger against champion. Pure math.
 
     spec = GateSpec("eval/arithmetic/accuracy", margin=0.02, floor=0.30)
-    items = read_item_scores(eval_dir / "item_scores.jsonl")     # {metric: {item: value}}
+    challenger = stages.evaluate.read_items(eval_dir / "items.jsonl")   # {metric: {item: value}}
     v = paired_verdict(spec, 0.47, challenger[spec.metric], champion[spec.metric], champion_version="3")
     v.passed, v.reason   # True, "eval/arithmetic/accuracy: +0.013 [-0.021, +0.047] vs v3 on 400 ..."
 
@@ -24,11 +24,9 @@ evaluation scores; with a handful of items it is somewhat too narrow, one more r
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from statistics import NormalDist
 
 
@@ -167,21 +165,3 @@ def all_passed(verdicts: Iterable[GateVerdict]) -> bool:
     """Every gate passed; no gates at all is a failure (fail closed)."""
     verdicts = list(verdicts)
     return bool(verdicts) and all(v.passed for v in verdicts)
-
-
-def item_scores(rows: Iterable[Mapping]) -> dict[str, dict[str, float]]:
-    """Rows {"metric", "item", "value"} -> {metric: {item: value}}; a repeated (metric, item) is an error."""
-    out: dict[str, dict[str, float]] = {}
-    for row in rows:
-        metric, item = str(row["metric"]), str(row["item"])
-        per_metric = out.setdefault(metric, {})
-        if item in per_metric:
-            raise ValueError(f"item {item!r} of {metric} is scored twice")
-        per_metric[item] = float(row["value"])
-    return out
-
-
-def read_item_scores(path: Path) -> dict[str, dict[str, float]]:
-    """The evaluation stage's per-item scores file (JSON lines) as {metric: {item: value}}."""
-    with Path(path).open() as f:
-        return item_scores(json.loads(line) for line in f if line.strip())

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 
-from registry.gate import GateSpec, all_passed, item_scores, paired_verdict, read_item_scores, z_quantile
+from registry.gate import GateSpec, all_passed, paired_verdict, z_quantile
 
 ACC = "eval/arithmetic/accuracy"
 NLL = "eval/heldout/nll"
@@ -135,13 +134,3 @@ def test_spec_validation_and_all_passed():
     yes = paired_verdict(GateSpec(ACC), 0.5, None, None)
     no = paired_verdict(GateSpec(ACC, floor=0.9), 0.5, None, None)
     assert all_passed([yes]) and not all_passed([yes, no]) and not all_passed([])
-
-
-def test_item_scores_rows(tmp_path):
-    rows = [{"metric": ACC, "item": "a", "value": 1.0}, {"metric": ACC, "item": "b", "value": 0},
-            {"metric": NLL, "item": "a", "value": 2.5}]
-    path = tmp_path / "items.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    assert read_item_scores(path) == {ACC: {"a": 1.0, "b": 0.0}, NLL: {"a": 2.5}}
-    with pytest.raises(ValueError, match="scored twice"):
-        item_scores(rows + [rows[0]])
