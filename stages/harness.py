@@ -21,7 +21,8 @@ lm-eval's result dict into our metric names plus per-item rows a promotion gate 
 
 Tasks in `stages/tasks/harness/` are always available by name. A relative `data_files` path in a
 local YAML is resolved against that YAML's folder here (lm-eval alone resolves it against the
-working directory, so a task would only work when run from one place).
+working directory, so a task would only work when run from one place); this covers tasks asked for
+by name, not the members of a local group, which keep lm-eval's rule.
 """
 
 from __future__ import annotations
