@@ -109,6 +109,8 @@ class EvaluateConfig:
         for name, kind in (("tasks", str), ("mmlu_files", Path), ("gsm8k_files", Path), ("harness_tasks", str),
                            ("passk_k", int), ("passk_temperatures", float)):
             as_tuple(name, kind)
+        if not self.tasks and not self.harness_tasks:
+            raise ValueError("evaluate: nothing to evaluate (tasks and harness_tasks are both empty)")
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
             raise ValueError(f"evaluate.tasks: unknown task {unknown[0]!r} (valid tasks: {', '.join(TASKS)})")
@@ -388,6 +390,7 @@ def load_task_data(cfg: EvaluateConfig) -> dict[str, list]:
 
 def run(cfg: EvaluateConfig, tracker: Tracker | None = None) -> EvaluateResult:
     tracker = tracker or NullTracker()
+    log.info("evaluate %s on %s", cfg.checkpoint, ", ".join([*cfg.tasks, *cfg.harness_tasks]))
     tokenizer = load_tokenizer(cfg.checkpoint)
     data = load_task_data(cfg)
     device = pick_device()

@@ -13,6 +13,8 @@ import json
 import math
 import re
 import shutil
+import sys
+import types
 from dataclasses import replace
 from pathlib import Path
 
@@ -215,6 +217,8 @@ def test_config_refuses_what_it_cannot_run(tmp_path: Path) -> None:
     base = dict(checkpoint=tmp_path, dataset=tmp_path, output_dir=tmp_path)
     with pytest.raises(ValueError, match=r"unknown task 'mmlu_pro' \(valid tasks: heldout, arithmetic"):
         EvaluateConfig(**base, tasks=("heldout", "mmlu_pro"))
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        EvaluateConfig(**base, tasks=())
     with pytest.raises(ValueError, match="task 'mmlu' needs mmlu_files"):
         EvaluateConfig(**base, tasks=("mmlu",))
     with pytest.raises(ValueError, match="gsm8k_files needs 'gsm8k' in tasks"):
@@ -327,6 +331,28 @@ def test_gsm8k_pipeline_on_real_data(corpus: Path, sft_trained: Trained, tmp_pat
     assert 0 <= result.metrics["eval/gsm8k/accuracy"] <= 1 and "eval/gsm8k/accuracy_stderr" in result.metrics
     samples = json.loads(result.report.read_text())["samples"]["gsm8k"]
     assert [s["answer"] for s in samples] == ["72", "10", "5"]
+
+
+def test_harness_tasks_go_to_stages_harness(corpus: Path, sft_trained: Trained, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import stages
+
+    calls = []
+
+    def fake_evaluate(checkpoint, tasks, *, include_path=None, limit=None, device="cpu"):
+        calls.append((checkpoint, tasks, include_path, limit))
+        return ({"eval/hs/acc": 0.5, "eval/hs/acc_stderr": 0.5},
+                [{"metric": "eval/hs/acc", "item": "hs:0", "value": 1.0}, {"metric": "eval/hs/acc", "item": "hs:1", "value": 0.0}])
+
+    stub = types.SimpleNamespace(evaluate=fake_evaluate)
+    monkeypatch.setitem(sys.modules, "stages.harness", stub)
+    monkeypatch.setattr(stages, "harness", stub, raising=False)
+    cfg = EvaluateConfig(checkpoint=sft_trained.checkpoint, dataset=corpus, output_dir=tmp_path, tasks=(),
+                         harness_tasks=("hs",), harness_include=tmp_path / "yamls", limit=2, progress=False)
+    result = evaluate.run(cfg)
+    assert calls == [(sft_trained.checkpoint, ["hs"], tmp_path / "yamls", 2)]
+    assert result.metrics == {"eval/hs/acc": 0.5, "eval/hs/acc_stderr": 0.5}
+    assert read_items(result.items) == {"eval/hs/acc": {"hs:0": 1.0, "hs:1": 0.0}}
 
 
 # --- helpers ---------------------------------------------------------------------------------
