@@ -104,6 +104,8 @@ class EvaluateConfig:
             value = getattr(self, name)
             if isinstance(value, str | Path):  # `tasks=heldout` or `tasks=heldout,arithmetic` on a command line
                 value = [v.strip() for v in str(value).split(",") if v.strip()]
+            elif not isinstance(value, list | tuple):  # `passk_k=4`
+                value = [value]
             object.__setattr__(self, name, tuple(kind(v) for v in value))
 
         for name, kind in (("tasks", str), ("mmlu_files", Path), ("gsm8k_files", Path), ("harness_tasks", str),
@@ -118,6 +120,8 @@ class EvaluateConfig:
             if (task in self.tasks) != bool(files):
                 raise ValueError(f"evaluate: task {task!r} needs {task}_files and {task}_files needs {task!r} "
                                  f"in tasks (tasks={list(self.tasks)}, {task}_files={[str(f) for f in files]})")
+        if self.passk_samples < 0:
+            raise ValueError(f"evaluate.passk_samples must be >= 0 (0: no pass@k), got {self.passk_samples}")
         if self.passk_samples and not all(1 <= k <= self.passk_samples for k in self.passk_k):
             raise ValueError(f"evaluate.passk_k must lie in [1, passk_samples={self.passk_samples}], got {self.passk_k}")
         if self.passk_samples and not all(t > 0 for t in self.passk_temperatures):
@@ -385,6 +389,12 @@ def load_task_data(cfg: EvaluateConfig) -> dict[str, list]:
         data["mmlu"] = [q for f in cfg.mmlu_files for q in mc.load_mmlu_csv(f, cfg.limit)]
     if "gsm8k" in cfg.tasks:
         data["gsm8k"] = [p for f in cfg.gsm8k_files for p in gsm8k.load_gsm8k(f, cfg.limit)]
+    for task, entries in data.items():  # items are keyed by id: a repeat would silently replace a score
+        ids = [mc.item_id(e.question) if task == "arithmetic" else e.id for e in entries]
+        if len(set(ids)) < len(ids):
+            twice = next(i for i in ids if ids.count(i) > 1)
+            raise ValueError(f"evaluate {task}: item {twice!r} appears twice (the same question twice in "
+                             f"{cfg.dataset}, or the same file listed twice)")
     return data
 
 
@@ -420,7 +430,7 @@ def run(cfg: EvaluateConfig, tracker: Tracker | None = None) -> EvaluateResult:
         log.info("evaluate %s: %d items in %.1f s", task, len(result.items), timings[task])
 
     seen = set()
-    for row in items:  # a gate pairs by (metric, item): a duplicate would silently overwrite a score
+    for row in items:  # a gate pairs by (metric, item); harness rows are checked here too
         key = (row["metric"], row["item"])
         if key in seen:
             raise ValueError(f"evaluate: item {row['item']!r} of {row['metric']} scored twice (duplicate data?)")

@@ -210,6 +210,10 @@ def test_bad_eval_files_fail_before_any_scoring(corpus: Path, sft_trained: Train
         evaluate.run(EvaluateConfig(**base, mmlu_files=(bad,)))
     with pytest.raises(FileNotFoundError, match=r"gsm8k file .*none\.jsonl does not exist"):
         evaluate.run(EvaluateConfig(**{**base, "tasks": ("gsm8k",)}, gsm8k_files=(tmp_path / "none.jsonl",)))
+    good = tmp_path / "good.csv"
+    good.write_text(MMLU_ROWS)
+    with pytest.raises(ValueError, match=r"evaluate mmlu: item 'good:1' appears twice .*the same file listed twice"):
+        evaluate.run(EvaluateConfig(**base, mmlu_files=(good, good)))
     assert not (tmp_path / "out" / "items.jsonl").exists()
 
 
@@ -234,7 +238,8 @@ def test_config_from_the_preset_and_the_command_line() -> None:
                                                         "passk_temperatures=[0.5,1]", "limit=null"]), **wiring})
     assert cfg.tasks == ("heldout", "mmlu") and cfg.mmlu_files == (Path("a.csv"), Path("b.csv"))
     assert cfg.passk_temperatures == (0.5, 1.0) and cfg.limit is None
-    assert from_dict(EvaluateConfig, {**parse_overrides(["tasks=arithmetic_mc"]), **wiring}).tasks == ("arithmetic_mc",)
+    one = from_dict(EvaluateConfig, {**parse_overrides(["tasks=arithmetic_mc", "passk_samples=8", "passk_k=8"]), **wiring})
+    assert one.tasks == ("arithmetic_mc",) and one.passk_k == (8,)
     with pytest.raises(ConfigError, match="unknown config key heldout_frac"):
         from_dict(EvaluateConfig, {"heldout_frac": 0.1, **wiring})
 
