@@ -277,6 +277,11 @@ def passk_name(k: int, temperature: float) -> str:
     return f"eval/arithmetic/pass_at_{k}_t{temperature:g}"
 
 
+def passk_ks(cfg: EvaluateConfig) -> list[int]:
+    """The k values measured: pass@1 always (the sampled accuracy), then the configured ones."""
+    return sorted({1, *cfg.passk_k})
+
+
 def arithmetic_task(cfg: EvaluateConfig, model, tokenizer, problems: list) -> TaskOutput:
     rows = arithmetic_scores(model, tokenizer, problems, max_new_tokens=cfg.max_new_tokens,
                              batch_size=cfg.batch_size, progress=cfg.progress)
@@ -292,7 +297,7 @@ def arithmetic_task(cfg: EvaluateConfig, model, tokenizer, problems: list) -> Ta
         right: dict[str, int] = {}
         for r in sampled:
             right[r["id"]] = right.get(r["id"], 0) + int(r["correct"])
-        for k in cfg.passk_k:
+        for k in passk_ks(cfg):
             values = {i: pass_at_k(cfg.passk_samples, c, k) for i, c in right.items()}
             out.metrics |= summarize(passk_name(k, t), values)
             out.items += item_rows(passk_name(k, t), values)
@@ -303,7 +308,7 @@ def plot_passk(cfg: EvaluateConfig, metrics: dict[str, float], path: Path) -> Pa
     """pass@k against sampling temperature, one line per k, error bars one standard error."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
     temps = list(cfg.passk_temperatures)
-    for k in cfg.passk_k:
+    for k in passk_ks(cfg):
         ys = [metrics[passk_name(k, t)] for t in temps]
         errs = [metrics[f"{passk_name(k, t)}_stderr"] for t in temps]
         ax.errorbar(temps, ys, yerr=[0 if math.isnan(e) else e for e in errs], marker="o", capsize=3,
