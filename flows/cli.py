@@ -3,7 +3,8 @@
     flywheel run [--preset tiny] [section.key=value ...]     the whole lifecycle (services started if needed)
     flywheel stage NAME [--preset tiny] [key=value ...]      one stage, no orchestration, no services
     flywheel services up|status|down                         the embedded Prefect and MLflow servers
-    flywheel models list|rollback [--name flywheel-chat]     the registry
+    flywheel models list|show V|promote V [--force --reason TEXT]|rollback [--name flywheel-chat]
+                                                             the registry: champion, gates, history
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -102,23 +104,55 @@ def cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_models(args: argparse.Namespace) -> int:
-    from infra import services
-    from registry import models
-
-    urls = services.up()
-    if args.action == "rollback":
-        version = models.rollback(urls["mlflow"], args.name)
-        print(f"{args.name}: champion is now v{version}")
-        return 0
-    rows = models.list_versions(urls["mlflow"], args.name)
+def _print_versions(models, uri: str, name: str) -> None:
+    rows = models.list_versions(uri, name)
     if not rows:
-        print(f"no versions of {args.name}")
-        return 0
-    print(f"{'version':>7}  {'aliases':22s} {'gate':6s} {'gate metric':28s} {'value':>8}  created")
+        print(f"no versions of {name}")
+        return
+    print(f"{'version':>7}  {'aliases':20s} {'gate':6s} {'vs':>4}  {'gate metric':28s} {'value':>7} {'diff':>7}  "
+          f"{'created':25s} flag")
     for r in rows:
-        print(f"{r['version']:>7}  {','.join(r['aliases']) or '-':22s} {r['gate_passed'] or '-':6s} "
-              f"{r['gate_metric'] or '-':28s} {r['gate_value'] or '-':>8}  {r['created']}")
+        g = r["gates"][0] if r["gates"] else None
+        vs = f"v{r['gate_champion_version']}" if r["gate_champion_version"] else "-"
+        diff = f"{g.diff:+.3f}" if g is not None and g.diff is not None else "-"
+        value = f"{g.value:.3f}" if g is not None else "-"
+        flag = f"FLAGGED: {r['flag']}" if r["flag"] else ""
+        print(f"{r['version']:>7}  {','.join(r['aliases']) or '-':20s} {r['gate_passed'] or '-':6s} {vs:>4}  "
+              f"{r['gate_metric'] or '-':28s} {value:>7} {diff:>7}  {r['created']:25s} {flag}".rstrip())
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """The registry from the command line; a refused request is one line on stderr, never a traceback."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # `show` downloads meta.json
+    from infra import services
+    from registry import model_card, models
+
+    uri = services.up()["mlflow"]
+    try:
+        if args.action == "list":
+            _print_versions(models, uri, args.name)
+        elif args.action == "show":
+            print(model_card.build_model_card(uri, args.name, args.version), end="")
+        elif args.action == "promote":
+            event = models.promote(uri, args.name, args.version, force=args.force, reason=args.reason)
+            if event is None:
+                print(f"{args.name}: v{args.version} already is the champion")
+            else:
+                forced = f" (forced: {args.reason})" if args.force else ""
+                print(f"{args.name}: champion is now v{event.to_version}, was "
+                      f"{'v' + event.from_version if event.from_version else 'none'}{forced}")
+        else:
+            version = models.rollback(uri, args.name)
+            print(f"{args.name}: champion is now v{version}")
+    except models.ReasonRequired as err:
+        print(f"flywheel models {args.action}: {err} (--force needs --reason TEXT)", file=sys.stderr)
+        return 2
+    except models.GateNotPassed as err:
+        print(f"flywheel models {args.action}: {err}; to serve it anyway: --force --reason TEXT", file=sys.stderr)
+        return 1
+    except (models.RegistryError, LookupError) as err:
+        print(f"flywheel models {args.action}: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -137,9 +171,17 @@ def parser() -> argparse.ArgumentParser:
     svc = sub.add_parser("services", help="embedded Prefect + MLflow servers")
     svc.add_argument("action", choices=("up", "status", "down"))
     svc.set_defaults(fn=cmd_services)
-    mdl = sub.add_parser("models", help="the MLflow model registry")
-    mdl.add_argument("action", choices=("list", "rollback"))
-    mdl.add_argument("--name", default="flywheel-chat")
+    mdl = sub.add_parser("models", help="the MLflow model registry: champion, gates, history")
+    named = argparse.ArgumentParser(add_help=False)
+    named.add_argument("--name", default="flywheel-chat", help="registered model name")
+    mdl_sub = mdl.add_subparsers(dest="action", required=True)
+    mdl_sub.add_parser("list", parents=[named], help="versions, gate results, flags")
+    mdl_sub.add_parser("show", parents=[named], help="lineage, gate and model card of a version").add_argument("version")
+    prm = mdl_sub.add_parser("promote", parents=[named], help="make a version champion if its gate passed")
+    prm.add_argument("version")
+    prm.add_argument("--force", action="store_true", help="promote over a failed gate (needs --reason; flagged)")
+    prm.add_argument("--reason", default=None, help="why the gate is overridden (recorded in the history)")
+    mdl_sub.add_parser("rollback", parents=[named], help="back to the previous champion in the history")
     mdl.set_defaults(fn=cmd_models)
     return p
 
