@@ -412,8 +412,8 @@ def _sync_locked(client: MlflowClient, name: str
     state, _ = _gate_of(client, name, current)
     events.append(_append(
         client, name, seq, action="outside", by=OUTSIDE, from_version=last, to_version=current, gate=state,
-        reason="champion alias moved outside flywheel (MLflow UI or API); recorded when flywheel next read the registry",
-        user="unknown"))
+        reason="champion alias moved outside flywheel (MLflow UI or API); recorded when flywheel next read the "
+               "registry", user="unknown"))
     if current is not None:
         _flag(client, name, current, state, "moved by hand outside flywheel")
     log.warning("%s: champion moved outside flywheel: %s -> %s (gate %s)", name, _v(last), _v(current), state)
