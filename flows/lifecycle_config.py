@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.ray_executor import RayConfig
+from registry.gate import GateSpec
 from stages.clean import CleanConfig
 from stages.collect import CollectConfig
 from stages.config import ConfigError, deep_merge, from_dict, load_preset, parse_overrides
@@ -26,12 +27,43 @@ from stages.tokenizer import TokenizerConfig
 from stages.validate import ValidateConfig
 
 
+def _default_gates() -> dict[str, dict[str, Any]]:
+    return {"eval/arithmetic/accuracy": {"margin": 0.02}}
+
+
 @dataclass(frozen=True, kw_only=True)
 class PromoteConfig:
+    """The gate: each metric's paired difference vs the champion, re-scored on the same items.
+
+    `gates` maps a metric with per-item scores (see stages/evaluate.py items.jsonl) to its GateSpec
+    fields: `margin` (how much worse the confidence interval's lower bound may be: non-inferiority),
+    `floor` (an absolute minimum, or maximum when `higher_is_better` is false), `higher_is_better`.
+    """
+
     model_name: str = "flywheel-chat"
-    metric: str = "eval/arithmetic/accuracy"  # the gate metric, measured on the final checkpoint
-    higher_is_better: bool = True
-    tolerance: float = 0.02  # a challenger may be this much worse and still become champion
+    gates: dict[str, dict[str, Any]] = field(default_factory=_default_gates)
+    confidence: float = 0.95
+
+    def specs(self) -> list[GateSpec]:
+        if not self.gates:
+            raise ConfigError("promote.gates is empty: at least one gate metric is needed to promote")
+        specs = []
+        for metric, options in self.gates.items():
+            unknown = sorted(set(options or {}) - {"margin", "floor", "higher_is_better"})
+            if unknown:
+                raise ConfigError(f"unknown key promote.gates.{metric}.{unknown[0]} "
+                                  "(valid keys: margin, floor, higher_is_better)")
+            specs.append(GateSpec(metric, confidence=self.confidence, **(options or {})))
+        return specs
+
+    def __post_init__(self) -> None:
+        self.specs()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServePhaseConfig:
+    enabled: bool = True  # the lifecycle ends with the champion served (vLLM behind the router)
+    timeout_s: float = 900.0  # for serving to answer with the champion (vLLM starts in 35-105 s on 2 cores)
 
 
 # section -> (config class, fields the flow fills in)
@@ -48,6 +80,7 @@ SECTIONS: dict[str, tuple[type, frozenset[str]]] = {
     "evaluate": (EvaluateConfig, frozenset({"checkpoint", "dataset", "output_dir"})),
     "ray": (RayConfig, frozenset()),
     "promote": (PromoteConfig, frozenset()),
+    "serve": (ServePhaseConfig, frozenset()),
 }
 _PLACEHOLDER = Path("/nonexistent")
 

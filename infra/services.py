@@ -1,8 +1,9 @@
-"""The embedded Prefect and MLflow servers: start once, reuse, stop.
+"""The embedded Prefect and MLflow servers and the serving router: start once, reuse, stop.
 
     python -c "from infra import services; print(services.up())"
+    python -c "from infra import services; print(services.up_serving('flywheel-chat'))"
 
-For each service: an environment variable (`PREFECT_API_URL`, `MLFLOW_TRACKING_URI`) wins and
+For each service: an environment variable (`PREFECT_API_URL`, `MLFLOW_TRACKING_URI`, `SERVING_URL`) wins and
 nothing is started (that is how the platform talks to real servers at scale). Otherwise the server
 we recorded in `<state root>/services/<name>.json` is reused if it is alive and answers its health
 check, or a new one is started on a free loopback port as a detached process (its own session, so
@@ -10,7 +11,8 @@ it outlives the caller and `down()` can stop its whole process group). Logs go t
 `<state root>/logs/<name>.log`; all data lives under the state root.
 
 Measured on 2 cores: Prefect ~200 MB, MLflow with one worker and no job runner ~0.5 GB; both are
-started at once and waited for together.
+started at once and waited for together. The serving router (`flywheel serve --foreground`, see
+infra/router.py) starts its vLLM servers in its own process group, so stopping it stops them too.
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ from infra.settings import OFFLINE_ENV, Settings, load_settings
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
-ENV_VARS = {"prefect": "PREFECT_API_URL", "mlflow": "MLFLOW_TRACKING_URI"}
+ENV_VARS = {"prefect": "PREFECT_API_URL", "mlflow": "MLFLOW_TRACKING_URI", "serving": "SERVING_URL"}
+CORE = ("prefect", "mlflow")  # what up() starts; serving starts once there is a champion to serve
 HEALTH_TIMEOUT_S = 120.0  # Prefect runs its DB migrations on first start: ~10-20 s on 2 cores
+SERVING_TIMEOUT_S = 900.0  # the router is healthy once vLLM serves the champion: 35-105 s on 2 cores
 STOP_TIMEOUT_S = 15.0
 
 # Popen handles of servers started by this process, kept so Python does not warn about (and
@@ -65,10 +69,28 @@ def up(settings: Settings | None = None, timeout: float = HEALTH_TIMEOUT_S) -> d
     Does not change os.environ: call `export_env(urls)` for that.
     """
     s = settings or load_settings()
+    urls = _ensure(s, CORE, timeout)
+    urls["prefect_ui"] = _strip_api(urls["prefect"])
+    urls["mlflow_ui"] = urls["mlflow"]
+    return urls
+
+
+def up_serving(model_name: str, settings: Settings | None = None, timeout: float = SERVING_TIMEOUT_S) -> str:
+    """Make sure the serving router runs (it serves `model_name`@champion); return its OpenAI base URL.
+
+    Needs MLFLOW_TRACKING_URI in the environment (the router reads the alias from it): call
+    `export_env(up())` first. `SERVING_URL` points at serving that runs elsewhere and starts nothing.
+    """
+    s = settings or load_settings()
+    return _ensure(s, ("serving",), timeout, model_name=model_name)["serving"]
+
+
+def _ensure(s: Settings, names: tuple[str, ...], timeout: float, model_name: str = "") -> dict[str, str]:
     urls: dict[str, str] = {}
-    with _lock(s):
+    # One lock per group: waiting minutes for serving must not block `up()` of Prefect and MLflow.
+    with _lock(s, "-".join(names)):
         launches: list[_Launch] = []
-        for name in ENV_VARS:
+        for name in names:
             external = os.environ.get(ENV_VARS[name])
             if external:
                 log.info("%s: using %s=%s, starting nothing", name, ENV_VARS[name], external)
@@ -83,7 +105,7 @@ def up(settings: Settings | None = None, timeout: float = HEALTH_TIMEOUT_S) -> d
                 log.warning("%s: recorded server pid %s is not healthy; replacing it", name, record["pid"])
                 _stop(s, name, record)
             taken = {launch.port for launch in launches}
-            launches.append(_launch(s, name, _free_port(taken)))
+            launches.append(_launch(s, name, free_port(taken), model_name))
 
         # Both servers boot concurrently; wait for each in turn.
         try:
@@ -96,9 +118,6 @@ def up(settings: Settings | None = None, timeout: float = HEALTH_TIMEOUT_S) -> d
         for launch in launches:
             _write_record(s, launch)
             urls[launch.name] = launch.url
-
-    urls["prefect_ui"] = _strip_api(urls["prefect"])
-    urls["mlflow_ui"] = urls["mlflow"]
     return urls
 
 
@@ -131,8 +150,8 @@ def down(settings: Settings | None = None, timeout: float = STOP_TIMEOUT_S) -> l
     """Stop the servers we recorded (never external ones); return the names stopped."""
     s = settings or load_settings()
     stopped = []
-    with _lock(s):
-        for name in ENV_VARS:
+    with _lock(s, "serving"), _lock(s, "-".join(CORE)):
+        for name in ("serving", *CORE):  # serving first: it reads the registry until it stops
             record = _read_record(s, name)
             if record is None:
                 continue
@@ -184,9 +203,12 @@ def server_env(settings: Settings) -> dict[str, str]:
 # ----------------------------------------------------------------------------- starting
 
 
-def _command(settings: Settings, name: str, port: int) -> tuple[list[str], str]:
+def _command(settings: Settings, name: str, port: int, model_name: str = "") -> tuple[list[str], str]:
     """The command line for one server and the URL clients use."""
     bin_dir = Path(sys.executable).parent
+    if name == "serving":
+        cmd = [str(bin_dir / "flywheel"), "serve", "--foreground", "--port", str(port), "--name", model_name]
+        return cmd, f"http://{HOST}:{port}/v1"
     if name == "prefect":
         cmd = [str(bin_dir / "prefect"), "server", "start", "--host", HOST, "--port", str(port)]
         return cmd, f"http://{HOST}:{port}/api"
@@ -200,8 +222,8 @@ def _command(settings: Settings, name: str, port: int) -> tuple[list[str], str]:
     return cmd, f"http://{HOST}:{port}"
 
 
-def _launch(settings: Settings, name: str, port: int) -> _Launch:
-    cmd, url = _command(settings, name, port)
+def _launch(settings: Settings, name: str, port: int, model_name: str = "") -> _Launch:
+    cmd, url = _command(settings, name, port, model_name)
     settings.logs_dir.mkdir(parents=True, exist_ok=True)
     (settings.home / "prefect").mkdir(parents=True, exist_ok=True)
     log_path = settings.logs_dir / f"{name}.log"
@@ -241,7 +263,7 @@ def _wait_healthy(launch: _Launch, timeout: float) -> None:
     )
 
 
-def _free_port(taken: set[int] = frozenset()) -> int:
+def free_port(taken: set[int] = frozenset()) -> int:
     """A loopback port nobody listens on (and not one we just handed to another server)."""
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -252,7 +274,12 @@ def _free_port(taken: set[int] = frozenset()) -> int:
 
 
 def _healthy(name: str, url: str) -> bool:
-    health = f"{url.rstrip('/')}/health" if name == "prefect" else f"{_strip_api(url)}/health"
+    if name == "serving":  # healthy = the champion answers (the router's /health sits beside /v1)
+        health = f"{url.rstrip('/').removesuffix('/v1')}/health"
+    elif name == "prefect":
+        health = f"{url.rstrip('/')}/health"
+    else:
+        health = f"{_strip_api(url)}/health"
     try:
         return httpx.get(health, timeout=2.0).status_code == 200
     except httpx.HTTPError:
@@ -349,10 +376,10 @@ def _kill_group(pid: int, timeout: float = STOP_TIMEOUT_S) -> None:
 
 
 @contextlib.contextmanager
-def _lock(settings: Settings) -> Iterator[None]:
-    """One up()/down() at a time per state root, across processes."""
+def _lock(settings: Settings, group: str) -> Iterator[None]:
+    """One up()/down() of a group of services at a time per state root, across processes."""
     settings.services_dir.mkdir(parents=True, exist_ok=True)
-    with open(settings.services_dir / ".lock", "w") as f:
+    with open(settings.services_dir / f".lock-{group}", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield

@@ -113,8 +113,10 @@ def parent_summary(policy: Path) -> dict[str, Any]:
         meta = read_meta(policy)
     except FileNotFoundError:
         return {}
-    return {"stage": meta.get("stage"), "lineage": meta.get("lineage", {}), "parent": meta.get("parent"),
-            "parent_meta": meta.get("parent_meta")}
+    # The config travels too: a checkpoint copied out of the registry, away from its ancestors'
+    # folders, still knows e.g. which documents its pretraining held out.
+    return {"stage": meta.get("stage"), "config": meta.get("config", {}), "lineage": meta.get("lineage", {}),
+            "parent": meta.get("parent"), "parent_meta": meta.get("parent_meta")}
 
 
 def frozen_copy(model: PreTrainedModel, device: torch.device) -> PreTrainedModel:

@@ -179,7 +179,12 @@ def read_items(path: Path) -> dict[str, dict[str, float]]:
 
 
 def pretraining_config(checkpoint: Path) -> dict[str, Any]:
-    """The config of the pretraining run `checkpoint` descends from, following meta.json parents."""
+    """The config of the pretraining run `checkpoint` descends from.
+
+    Read from the ancestry embedded in meta.json (`parent_meta`, nested), so a checkpoint downloaded
+    from the registry needs none of its ancestors' folders; parent paths are the fallback for
+    checkpoints written before configs were embedded.
+    """
     path, chain = Path(checkpoint), []
     for _ in range(64):  # a lineage is a handful of stages; the cap only guards against a cycle
         meta_file = path / ckpt.META
@@ -187,12 +192,17 @@ def pretraining_config(checkpoint: Path) -> dict[str, Any]:
             chain.append(f"no {ckpt.META} in {path}")
             break
         meta = json.loads(meta_file.read_text())
-        chain.append(f"{meta.get('stage')} at {path}")
-        if meta.get("stage") == "pretrain" and "heldout_fraction" in meta.get("config", {}):
-            return meta["config"]
-        if not meta.get("parent"):
+        node: dict[str, Any] | None = meta
+        while node:
+            chain.append(f"{node.get('stage')} at {path}")
+            if node.get("stage") == "pretrain" and "heldout_fraction" in (node.get("config") or {}):
+                return node["config"]
+            if not node.get("parent_meta") or not (node["parent_meta"].get("config")):
+                break
+            node = node["parent_meta"]
+        if not node or not node.get("parent"):
             break
-        path = Path(meta["parent"])
+        path = Path(node["parent"])
     raise HeldoutSplitUnknown(
         f"{checkpoint}: cannot tell which documents pretraining held out: no pretraining checkpoint in its "
         f"lineage ({' -> '.join(chain)}); pass evaluate.heldout_fraction=<the fraction pretraining used>")
