@@ -4,6 +4,7 @@
     flywheel stage NAME [--preset tiny] [key=value ...]      one stage, no orchestration, no services
     flywheel services up|status|down                         the embedded Prefect, MLflow (and serving) servers
     flywheel serve [--name flywheel-chat]                    serve the champion (vLLM), following its alias
+    flywheel evaluate [--version champion] [evaluate.k=v]    evaluate any version or alias on any tasks
     flywheel models list|show V|promote V [--force --reason TEXT]|rollback [--name flywheel-chat]
                                                              the registry: champion, gates, history
 """
@@ -71,7 +72,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _setup_logging("serving")
         from flows.serving import run_router
 
-        run_router(args.port or services.free_port(), args.name)
+        try:
+            run_router(args.port or services.free_port(), args.name)
+        except (OSError, ServingEnvError, RuntimeError) as err:
+            print(f"flywheel serve: {err}", file=sys.stderr)
+            return 1
         return 0
     external = load_settings().serving_url
     if external:
@@ -92,6 +97,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     base_url = services.up_serving(args.name)
     print(openai_example(base_url, args.name))
     print("Every response carries X-Model-Version; serving follows the champion alias by itself.")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from flows.lifecycle_config import LifecycleConfig
+
+    LifecycleConfig.load(args.preset, args.overrides)  # a typo fails before any server starts
+    _setup_logging("evaluate")
+    from infra import services
+
+    services.export_env(services.up())
+    from flows.evaluation import evaluate_version
+
+    try:
+        metrics = evaluate_version(model_name=args.name, version=args.version, dataset=args.dataset,
+                                   preset=args.preset, overrides=args.overrides)
+    except (LookupError, FileNotFoundError, ValueError) as err:
+        print(f"flywheel evaluate: {err}", file=sys.stderr)
+        return 1
+    for key, value in metrics.items():
+        if not key.endswith("_stderr"):
+            se = metrics.get(f"{key}_stderr")
+            print(f"{key:44s} {value:10.4f}" + (f" ± {se:.4f}" if se is not None else ""))
     return 0
 
 
@@ -227,6 +255,13 @@ def parser() -> argparse.ArgumentParser:
     srv.add_argument("--foreground", action="store_true", help="run the router in this process (what services start)")
     srv.add_argument("--port", type=int, default=0, help="with --foreground: the port to listen on")
     srv.set_defaults(fn=cmd_serve)
+    ev = sub.add_parser("evaluate", help="evaluate a registered version (or alias) on any task list")
+    ev.add_argument("--name", default="flywheel-chat")
+    ev.add_argument("--version", default="champion", help="a version number or an alias")
+    ev.add_argument("--dataset", default=None, help="default: the version's training data (its lineage)")
+    ev.add_argument("--preset", default="tiny")
+    ev.add_argument("overrides", nargs="*", metavar="evaluate.key=value")
+    ev.set_defaults(fn=cmd_evaluate)
     mdl = sub.add_parser("models", help="the MLflow model registry: champion, gates, history")
     named = argparse.ArgumentParser(add_help=False)
     named.add_argument("--name", default="flywheel-chat", help="registered model name")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -59,10 +60,19 @@ class RegistryChampion:
         return final
 
 
+def check_port_free(port: int) -> None:
+    with socket.socket() as sock:
+        try:
+            sock.bind((services.HOST, port))
+        except OSError as err:
+            raise OSError(f"port {port} on {services.HOST} is in use ({err.strerror}): pick another with --port") from None
+
+
 def run_router(port: int, name: str, cfg: ServingConfig | None = None) -> None:
     """The serving process: a router on `port` that serves `name`@champion until SIGTERM."""
     import uvicorn
 
+    check_port_free(port)
     cfg = cfg or ServingConfig()
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:

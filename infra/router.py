@@ -185,17 +185,29 @@ class Router:
         backend = self.active
         if backend is None:
             return _error(503, "no model version is being served yet (the champion's server is starting)")
-        body = await request.body()
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
-        upstream_request = self._client.build_request(request.method, f"{backend.url}{request.url.path}",
-                                                      params=request.query_params, headers=headers, content=body)
-        started = time.perf_counter()
-        backend.inflight += 1  # counted before the first await, so a drain never misses this request
+        backend.inflight += 1  # before any await: a drain that starts now must wait for this request
         try:
-            upstream = await self._client.send(upstream_request, stream=True)
+            body = await request.body()
+        except BaseException:  # the client went away
+            backend.inflight -= 1
+            raise
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+        started = time.perf_counter()
+        try:
+            upstream = await self._send(backend, request, headers, body)
         except httpx.TransportError as err:
             backend.inflight -= 1
-            return _error(502, f"model server for v{backend.version} unreachable: {type(err).__name__}")
+            # The active server died under us: one retry on whatever serves now (a restart, or a switch).
+            retry = self.active
+            if retry is None or retry is backend:
+                return _error(502, f"model server for v{backend.version} unreachable: {type(err).__name__}")
+            backend = retry
+            backend.inflight += 1
+            try:
+                upstream = await self._send(backend, request, headers, body)
+            except httpx.TransportError as err2:
+                backend.inflight -= 1
+                return _error(502, f"model server for v{backend.version} unreachable: {type(err2).__name__}")
         out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS}
         out_headers[VERSION_HEADER] = backend.version
 
@@ -213,6 +225,11 @@ class Router:
                           time.perf_counter() - started)
 
         return StreamingResponse(relay(), status_code=upstream.status_code, headers=out_headers)
+
+    async def _send(self, backend: VLLMServer, request: Request, headers: dict, body: bytes) -> httpx.Response:
+        upstream = self._client.build_request(request.method, f"{backend.url}{request.url.path}",
+                                              params=request.query_params, headers=headers, content=body)
+        return await self._client.send(upstream, stream=True)
 
     def _log(self, request: Request, body: bytes, response: bytes, status: int, version: str, seconds: float) -> None:
         record = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "path": request.url.path, "status": status,

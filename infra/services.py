@@ -146,12 +146,16 @@ def status(settings: Settings | None = None) -> dict[str, dict]:
     return out
 
 
-def down(settings: Settings | None = None, timeout: float = STOP_TIMEOUT_S) -> list[str]:
-    """Stop the servers we recorded (never external ones); return the names stopped."""
+def down(settings: Settings | None = None, timeout: float = STOP_TIMEOUT_S,
+         names: tuple[str, ...] = ("serving", *CORE)) -> list[str]:
+    """Stop the servers we recorded (never external ones); return the names stopped.
+
+    Serving goes first by default: it reads the registry until it stops.
+    """
     s = settings or load_settings()
     stopped = []
     with _lock(s, "serving"), _lock(s, "-".join(CORE)):
-        for name in ("serving", *CORE):  # serving first: it reads the registry until it stops
+        for name in names:
             record = _read_record(s, name)
             if record is None:
                 continue

@@ -101,7 +101,9 @@ def apply_offline_env(settings: Settings | None = None) -> dict[str, str]:
     """Set the offline/no-telemetry environment in this process (children inherit it); set values win."""
     s = settings or load_settings()
     env = {**OFFLINE_ENV, **dvc_env(s), "PREFECT_HOME": str(s.home / "prefect"),
-           "MPLCONFIGDIR": str(s.home / "matplotlib")}
+           "MPLCONFIGDIR": str(s.home / "matplotlib"),
+           # lm-eval loads local task data through `datasets`, which caches under ~/.cache otherwise
+           "HF_DATASETS_CACHE": str(s.home / "hf" / "datasets")}
     for k, v in env.items():
         os.environ.setdefault(k, v)
     return env

@@ -523,7 +523,8 @@ def promote_if_passed(client: MlflowClient | str, name: str, version: str, verdi
     """
     client = _client(client)
     version, expected = str(version), None if expected is None else str(expected)
-    for v in verdicts:  # verdicts against another champion (or none) would be a wrong decision
+    # A pass against another champion (or none) would be a wrong decision; a failure stops it anyway.
+    for v in (v for v in verdicts if v.passed):
         against = v.champion_version if v.n else None
         if (expected is None and v.n) or (expected is not None and (not v.n or against not in (None, expected))):
             raise ValueError(f"verdict for {v.metric} was computed against {_v(against)} "
@@ -649,18 +650,3 @@ def list_versions(client: MlflowClient | str, name: str) -> list[dict]:
             "tags": tags,
         })
     return rows
-
-
-# ----------------------------------------------------------------------------- transitional
-# flows/lifecycle.py still names the old single-number gate until its promote phase is rewired to
-# promote_if_passed. These two names only keep that module importable meanwhile (other flows and
-# their tests import it); calling the old gate fails loudly. Delete both with that rewiring.
-
-
-class GateResult:
-    """Removed: the gate's result is now a list of registry.gate.GateVerdict."""
-
-
-def promote_if_better(*_args, **_kwargs):
-    raise NotImplementedError("promote_if_better (one number vs the champion's remembered value) was replaced by "
-                              "the paired gate: registry.gate.paired_verdict + registry.models.promote_if_passed")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -25,8 +26,9 @@ from stages.validate import DataValidationError
 pytestmark = pytest.mark.slow
 
 MODEL = "flywheel-chat"
-# Perplexity is the gate here: unlike arithmetic accuracy, it separates a trained tiny model from
-# an untrained one after a handful of steps.
+# Held-out NLL is the gate here: unlike arithmetic accuracy, it separates a trained tiny model from an
+# untrained one after a handful of steps. Every run trains the same tokenizer on the same data, so the
+# champion's held-out windows are the challenger's, and the paired gate can compare them item by item.
 FAST = [
     "collect.max_builtin_chars=150000", "collect.arithmetic_problems=600",
     "tokenizer.vocab_size=1024",
@@ -37,7 +39,8 @@ FAST = [
     "sft.batch_size=8", "sft.train.max_steps=6", "dpo.batch_size=4", "dpo.train.max_steps=3",
     "grpo.group_size=2", "grpo.prompts_per_step=2", "grpo.max_new_tokens=8", "grpo.train.max_steps=2",
     "evaluate.arithmetic_problems=10", "evaluate.perplexity_windows=16",
-    "promote.metric=eval/heldout/perplexity", "promote.higher_is_better=false", "promote.tolerance=0",
+    "promote.gates.eval/heldout/nll.higher_is_better=false", "promote.gates.eval/heldout/nll.margin=0",
+    "promote.gates.eval/arithmetic/accuracy.floor=0", "serve.enabled=false",
 ]
 
 
@@ -90,6 +93,22 @@ def test_first_run_registers_a_loadable_champion_with_lineage(first_run, workspa
     assert meta["parent_meta"]["stage"] == "dpo"
 
 
+def test_evaluate_any_version_on_any_tasks(first_run, capsys):
+    client, champion = first_run
+    args = ["evaluate", "--version", str(champion.version), "evaluate.tasks=[heldout,arithmetic_mc]",
+            "evaluate.perplexity_windows=8", "evaluate.arithmetic_problems=10", "evaluate.progress=false"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "eval/arithmetic_mc/accuracy" in out and "eval/heldout/perplexity" in out and "±" in out
+    runs = client.search_runs([client.get_experiment_by_name("flywheel").experiment_id],
+                              filter_string=f"tags.`model.version` = '{champion.version}'")
+    assert runs and "eval/arithmetic_mc/ece" in runs[0].data.metrics
+
+    assert cli.main(["evaluate", "--version", "999"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no version '999'" in err[0]
+
+
 def test_failing_data_stops_before_tokenizer_and_keeps_champion_and_data(first_run, workspace):
     client, champion = first_run
     dvc_before = (workspace / "data" / "clean.dvc").read_text()
@@ -111,6 +130,11 @@ def test_second_run_adds_a_version_and_the_gate_decides(first_run):
     assert models.resolve(client, MODEL).version == champion.version
     rejected = client.get_model_version(MODEL, worse["version"])
     assert rejected.tags["gate.passed"] == "false" and "challenger" in rejected.aliases
+    # Paired: the champion was re-scored in this run, on the very windows the challenger saw.
+    assert rejected.tags["gate.champion_version"] == str(champion.version)
+    assert int(rejected.tags["gate.eval/heldout/nll.n"]) == 16  # evaluate.perplexity_windows
+    assert float(rejected.tags["gate.eval/heldout/nll.ci_high"]) < 0  # clearly worse, not just noisy
+    assert (Path(worse["run_dir"]) / f"evaluate-champion-v{champion.version}" / "items.jsonl").is_file()
 
     # Promotion within tolerance and rollback are covered against the registry in tests/registry.
 
