@@ -160,12 +160,18 @@ def test_heldout_split_is_pretrainings_along_the_lineage(corpus: Path, pretraine
         cfg = EvaluateConfig(checkpoint=trained.checkpoint, dataset=corpus, output_dir=tmp_path)
         assert np.array_equal(evaluate.heldout_tokens(cfg, tok), pretraining_tokens)
 
-    # A lineage pretrained with another fraction gives that fraction's split, with no setting to forget.
-    base, child = copy_checkpoint(pretrained.checkpoint, tmp_path / "pt"), copy_checkpoint(sft_trained.checkpoint, tmp_path / "sft")
-    edit_meta(base, lambda m: m["config"].update(heldout_fraction=0.3))
-    edit_meta(child, lambda m: m.update(parent=str(base)))
+    # A lineage pretrained with another fraction gives that fraction's split, with no setting to forget:
+    # read from the ancestry embedded in meta.json (a registry copy has no parent folders)...
+    child = copy_checkpoint(sft_trained.checkpoint, tmp_path / "sft")
+    edit_meta(child, lambda m: (m["parent_meta"]["config"].update(heldout_fraction=0.3),
+                                m.update(parent=str(tmp_path / "gone"))))
     cfg = EvaluateConfig(checkpoint=child, dataset=corpus, output_dir=tmp_path)
     assert evaluate.heldout_fraction_of(cfg) == 0.3
+    # ... or, for a checkpoint written before configs were embedded, from the parent's folder.
+    base, old = copy_checkpoint(pretrained.checkpoint, tmp_path / "pt"), copy_checkpoint(sft_trained.checkpoint, tmp_path / "old")
+    edit_meta(base, lambda m: m["config"].update(heldout_fraction=0.3))
+    edit_meta(old, lambda m: (m["parent_meta"].pop("config"), m.update(parent=str(base))))
+    assert evaluate.heldout_fraction_of(replace(cfg, checkpoint=old)) == 0.3
     wider = evaluate.heldout_tokens(cfg, tok)
     assert np.array_equal(wider, token_stream(heldout_texts(corpus, 0.3)[1], tok)) and len(wider) > 3 * len(pretraining_tokens)
 
@@ -178,6 +184,10 @@ def test_heldout_split_is_pretrainings_along_the_lineage(corpus: Path, pretraine
 def test_no_pretraining_in_the_lineage_is_a_clear_error(corpus: Path, sft_trained: Trained, tmp_path: Path) -> None:
     orphan = copy_checkpoint(sft_trained.checkpoint, tmp_path / "orphan")
     edit_meta(orphan, lambda m: m.update(parent=str(tmp_path / "gone")))
+    # With its parent folder gone, the ancestry embedded in meta.json still names pretraining's fraction
+    # (the tests' pretraining keeps PretrainConfig's default, 0.02).
+    assert evaluate.heldout_fraction_of(EvaluateConfig(checkpoint=orphan, dataset=corpus, output_dir=tmp_path)) == 0.02
+    edit_meta(orphan, lambda m: m.update(parent_meta=None))  # no embedded ancestry either (an old checkpoint)
     cfg = EvaluateConfig(checkpoint=orphan, dataset=corpus, output_dir=tmp_path / "out", tasks=("heldout",))
     with pytest.raises(HeldoutSplitUnknown, match=r"no pretraining checkpoint in its lineage \(sft at .*orphan -> "
                                                   r"no meta\.json in .*gone\); pass evaluate\.heldout_fraction="):
