@@ -5,6 +5,7 @@
     flywheel services up|status|down                         the embedded Prefect, MLflow (and serving) servers
     flywheel serve [--name flywheel-chat]                    serve the champion (vLLM), following its alias
     flywheel evaluate [--version champion] [evaluate.k=v]    evaluate any version or alias on any tasks
+    flywheel compare --judge-url URL --judge-model M [--prompts F]  challenger vs champion by a judge; ratings
     flywheel models list|show V|promote V [--force --reason TEXT]|rollback [--name flywheel-chat]
                                                              the registry: champion, gates, history
 """
@@ -120,6 +121,39 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if not key.endswith("_stderr"):
             se = metrics.get(f"{key}_stderr")
             print(f"{key:44s} {value:10.4f}" + (f" ± {se:.4f}" if se is not None else ""))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Challenger against champion through a judge model; a refused request is one line on stderr."""
+    if not args.judge_url:
+        print("flywheel compare: no judge: pass --judge-url URL or set FLYWHEEL_JUDGE_URL", file=sys.stderr)
+        return 2
+    _setup_logging("compare")
+    from infra import services
+
+    services.export_env(services.up())
+    from flows.compare import compare_versions, one_line_errors
+    from stages.pairwise import JudgeError
+
+    try:
+        with one_line_errors():
+            result = compare_versions(model_name=args.name, challenger=args.challenger, champion=args.champion,
+                                      judge_url=args.judge_url, judge_model=args.judge_model,
+                                      prompts_file=args.prompts, n=args.n, max_new_tokens=args.max_new_tokens,
+                                      timeout_s=args.timeout, dataset=args.dataset)
+    except (LookupError, FileNotFoundError, ValueError, JudgeError) as err:
+        print(f"flywheel compare: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
+    low, high = result["interval"]
+    print(f"{args.name} v{result['challenger']} vs v{result['champion']} on {result['n']} prompts ("
+          + ", ".join(f"{count} from {source}" for source, count in result["sources"].items()) + ")")
+    print(f"win rate     {result['win_rate']:.3f}  [{low:.3f}, {high:.3f}] (Wilson 95 %, both orders per prompt)")
+    print(f"consistency  {result['consistency']:.3f}  (share of prompts whose verdict survived swapping the order)")
+    print(f"{'version':>7}  Bradley-Terry rating")
+    for version, rating in sorted(result["ratings"].items(), key=lambda kv: -kv[1]):
+        mark = {result["challenger"]: "  <- challenger", result["champion"]: "  <- champion"}.get(version, "")
+        print(f"{'v' + version:>7}  {rating:8.1f}{mark}")
     return 0
 
 
@@ -262,6 +296,21 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--preset", default="tiny")
     ev.add_argument("overrides", nargs="*", metavar="evaluate.key=value")
     ev.set_defaults(fn=cmd_evaluate)
+    cmp = sub.add_parser("compare", help="judge two versions' answers pairwise; Bradley-Terry ratings of all")
+    cmp.add_argument("--name", default="flywheel-chat")
+    cmp.add_argument("--challenger", default="challenger", help="a version number or an alias")
+    cmp.add_argument("--champion", default="champion", help="a version number or an alias")
+    cmp.add_argument("--judge-url", default=os.environ.get("FLYWHEEL_JUDGE_URL"),
+                     help="OpenAI-compatible API root of the judge, e.g. http://127.0.0.1:8000/v1 "
+                          "(default: $FLYWHEEL_JUDGE_URL)")
+    cmp.add_argument("--judge-model", required=True, help="the judge's model name at that URL")
+    cmp.add_argument("--prompts", default=None, metavar="FILE",
+                     help="JSONL with a \"prompt\" per line, or plain text (default: serving logs + test split)")
+    cmp.add_argument("--n", type=int, default=50, help="number of prompts")
+    cmp.add_argument("--max-new-tokens", type=int, default=48)
+    cmp.add_argument("--timeout", type=float, default=30.0, help="seconds per judge call")
+    cmp.add_argument("--dataset", default=None, help="default: the challenger's training data (its lineage)")
+    cmp.set_defaults(fn=cmd_compare)
     mdl = sub.add_parser("models", help="the MLflow model registry: champion, gates, history")
     named = argparse.ArgumentParser(add_help=False)
     named.add_argument("--name", default="flywheel-chat", help="registered model name")
