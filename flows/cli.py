@@ -25,11 +25,27 @@ from infra.settings import apply_offline_env, load_settings
 STAGES = ("collect", "clean", "validate", "tokenizer", "pretrain", "sft", "dpo", "grpo", "evaluate")
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of each record, not the one at setup.
+
+    `flywheel` commands also run in-process (tests, notebooks), where sys.stderr is swapped and
+    closed between calls; a handler holding the old stream would then fail on every log record.
+    """
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def _setup_logging(name: str) -> Path:
     s = load_settings()
     s.logs_dir.mkdir(parents=True, exist_ok=True)
     log_file = s.logs_dir / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    handlers = [logging.StreamHandler(sys.stderr), logging.FileHandler(log_file)]
+    handlers = [_CurrentStderr(), logging.FileHandler(log_file)]
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         handlers=handlers, force=True)
     # Our own story at INFO; libraries (httpx, GX, alembic...) only when they warn.
@@ -105,14 +121,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from flows.lifecycle_config import LifecycleConfig
 
     LifecycleConfig.load(args.preset, args.overrides)  # a typo fails before any server starts
-    _setup_logging("evaluate")
     from infra import services
 
-    services.export_env(services.up())
-    from flows.evaluation import evaluate_version
+    urls = services.up()
+    services.export_env(urls)
+    from mlflow import MlflowClient
 
-    try:
-        metrics = evaluate_version(model_name=args.name, version=args.version, dataset=args.dataset,
+    from flows.evaluation import evaluate_version, resolve_version
+
+    try:  # bad input gets one line here, before a flow run exists to log a traceback
+        version = resolve_version(MlflowClient(urls["mlflow"], urls["mlflow"]), args.name, args.version)
+        _setup_logging("evaluate")
+        metrics = evaluate_version(model_name=args.name, version=version, dataset=args.dataset,
                                    preset=args.preset, overrides=args.overrides)
     except (LookupError, FileNotFoundError, ValueError) as err:
         print(f"flywheel evaluate: {err}", file=sys.stderr)

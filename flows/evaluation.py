@@ -47,7 +47,7 @@ def evaluate_version(model_name: str = "flywheel-chat", version: str = "champion
     if not data.exists():
         raise FileNotFoundError(f"evaluation data {data} does not exist (v{number}'s lineage names "
                                 f"{tags.get('data.path', '-')}); pass dataset=<dir>, or `dvc pull` it")
-    out = s.runs_dir / f"evaluate-{model_name}-v{number}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = s.home / "evaluations" / f"{model_name}-v{number}-{time.strftime('%Y%m%d-%H%M%S')}"
     checkpoint = models.download_version(client, model_name, number, dst=out / "model")
     stage_cfg = cfg.build("evaluate", checkpoint=checkpoint, dataset=data, output_dir=out / "evaluate")
     with run_context(uri, EXPERIMENT, f"evaluate-{model_name}-v{number}",
