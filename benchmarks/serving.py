@@ -198,8 +198,9 @@ def main() -> None:
                       f"p95 {percentile(lat, .95):.3f} s", flush=True)
 
     switches = switch_under_load(router, source, url, prompts, args.switches) if args.switches else []
-    if router.active is not None:
-        router.active.stop()
+    while len(router.servers) > 1:  # the last switch may still be draining its old version
+        time.sleep(0.5)
+    router.stop_all()
 
     rows = []
     for c in args.concurrency:

@@ -60,6 +60,7 @@ class Router:
         self.source, self.served_name, self.cfg = source, served_name, cfg
         self.state_dir, self.free_port = Path(state_dir), free_port
         self.active: VLLMServer | None = None
+        self.servers: set[VLLMServer] = set()  # every server started and not yet stopped
         self.switching_to: str | None = None
         self.last_error: str | None = None
         self.switches: list[dict] = []
@@ -84,9 +85,17 @@ class Router:
             with contextlib.suppress(asyncio.CancelledError):
                 await follower
             await self._client.aclose()
-            if self.active is not None:
-                await asyncio.to_thread(self.active.stop)
-                self.active = None
+            await asyncio.to_thread(self.stop_all)
+
+    def stop_all(self) -> None:
+        """Stop every vLLM server this router started: the active one, and any starting or draining."""
+        for server in list(self.servers):
+            self._stop(server)
+        self.active = None
+
+    def _stop(self, server: VLLMServer) -> None:
+        server.stop()
+        self.servers.discard(server)
 
     async def follow(self) -> None:
         while True:
@@ -122,6 +131,7 @@ class Router:
             model_dir = await asyncio.to_thread(self.source.fetch, version)
             green = VLLMServer.start(model_dir, version=version, served_name=self.served_name,
                                      port=self.free_port(), cfg=self.cfg, log_dir=self.state_dir / "logs")
+            self.servers.add(green)
             await asyncio.to_thread(green.wait_healthy, self.cfg.health_timeout_s)
             await self._smoke_test(green)
         except Exception as err:
@@ -129,7 +139,7 @@ class Router:
             self.last_error = f"v{version} failed to start: {err}"
             log.error("%s; still serving %s", self.last_error, self.active.version if self.active else "nothing")
             if green is not None:
-                await asyncio.to_thread(green.stop)
+                await asyncio.to_thread(self._stop, green)
             return
         finally:
             self.switching_to = None
@@ -143,7 +153,7 @@ class Router:
                               "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         if blue is not None:
             await self._drain(blue)
-            await asyncio.to_thread(blue.stop)
+            await asyncio.to_thread(self._stop, blue)
 
     async def _smoke_test(self, server: VLLMServer) -> None:
         """Healthy is not enough: one real completion proves the weights load and generate."""

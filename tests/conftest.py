@@ -71,3 +71,29 @@ def mlflow_uri(tmp_path, _mlflow_empty_db) -> str:
     """A fast local MLflow store of this test's own (SQLite file, no server) for unit tests."""
     shutil.copy(_mlflow_empty_db, tmp_path / "mlflow.db")
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def tiny_pretrained_checkpoints(root: Path, corpus: Path | None = None, seeds: tuple[int, ...] = (1, 2),
+                                steps: int = 12) -> list[Path]:
+    """Tiny models (head_dim 32: servable by vLLM) pretrained a few steps from different seeds.
+
+    Real text in, real (if poor) text out, and different answers per seed: what serving and
+    comparison tests need, in seconds. Builds its own small corpus unless one is given.
+    """
+    from stages import collect, pretrain, tokenizer
+    from stages.collect import CollectConfig
+    from stages.model import ModelConfig
+    from stages.pretrain import PretrainConfig
+    from stages.tokenizer import TokenizerConfig
+    from stages.train_loop import TrainConfig
+
+    if corpus is None:
+        corpus = collect.run(CollectConfig(output_dir=root / "collect", max_builtin_chars=60_000,
+                                           arithmetic_problems=50)).dataset
+    tok_dir = tokenizer.run(TokenizerConfig(dataset=corpus, output_dir=root / "tok", vocab_size=512)).tokenizer_dir
+    model = ModelConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128,
+                        max_seq_len=128)
+    return [pretrain.run(PretrainConfig(
+        dataset=corpus, tokenizer=tok_dir, output_dir=root / f"seed{seed}", model=model, seq_len=64, batch_size=8,
+        train=TrainConfig(max_steps=steps, lr=3e-3, warmup_steps=1, progress=False, seed=seed))).checkpoint
+        for seed in seeds]

@@ -21,15 +21,12 @@ from mlflow import MlflowClient
 from flows import cli
 from flows import compare as cmp
 from registry import gate, models
-from stages import collect, pairwise, pretrain, tokenizer
+from stages import collect, pairwise
 from stages.chat import load_problems
 from stages.checkpoint import load_model, load_tokenizer
 from stages.collect import CollectConfig
-from stages.model import ModelConfig
-from stages.pretrain import PretrainConfig
 from stages.rollout import sample
-from stages.tokenizer import TokenizerConfig
-from stages.train_loop import TrainConfig
+from tests.conftest import tiny_pretrained_checkpoints
 
 NAME = f"flywheel-compare-test-{time.time_ns()}"  # a model of its own: no other test's pairwise runs
 MAX_NEW_TOKENS = 16
@@ -156,14 +153,7 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def checkpoints(corpus, tmp_path_factory) -> list[Path]:
     """Two tiny models pretrained a few steps from different seeds: real text, different answers."""
-    root = tmp_path_factory.mktemp("compare-ckpts")
-    tok_dir = tokenizer.run(TokenizerConfig(dataset=corpus, output_dir=root / "tok", vocab_size=512)).tokenizer_dir
-    model = ModelConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128,
-                        max_seq_len=128)
-    return [pretrain.run(PretrainConfig(
-        dataset=corpus, tokenizer=tok_dir, output_dir=root / f"seed{seed}", model=model, seq_len=64, batch_size=8,
-        train=TrainConfig(max_steps=4, lr=3e-3, warmup_steps=1, progress=False, seed=seed))).checkpoint
-        for seed in (1, 2)]
+    return tiny_pretrained_checkpoints(tmp_path_factory.mktemp("compare-ckpts"), corpus, steps=4)
 
 
 @pytest.fixture(scope="module")

@@ -25,12 +25,7 @@ from infra import services
 from infra.settings import load_settings
 from infra.vllm_server import ServingConfig, ServingEnvError, VLLMServer, check_serving_env
 from registry import gate, models
-from stages import collect, pretrain, tokenizer
-from stages.collect import CollectConfig
-from stages.model import ModelConfig
-from stages.pretrain import PretrainConfig
-from stages.tokenizer import TokenizerConfig
-from stages.train_loop import TrainConfig
+from tests.conftest import tiny_pretrained_checkpoints
 
 NAME = "flywheel-serving-test"
 SERVING_PYTHON = ServingConfig().python
@@ -75,16 +70,7 @@ def test_serve_without_a_champion_says_so(services, capsys):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> list[Path]:
     """Two tiny models pretrained a few steps from different seeds: real text, different answers."""
-    root = tmp_path_factory.mktemp("serving-ckpts")
-    corpus = collect.run(CollectConfig(output_dir=root / "collect", max_builtin_chars=60_000,
-                                       arithmetic_problems=50)).dataset
-    tok_dir = tokenizer.run(TokenizerConfig(dataset=corpus, output_dir=root / "tok", vocab_size=512)).tokenizer_dir
-    model = ModelConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128,
-                        max_seq_len=128)
-    return [pretrain.run(PretrainConfig(
-        dataset=corpus, tokenizer=tok_dir, output_dir=root / f"seed{seed}", model=model, seq_len=64, batch_size=8,
-        train=TrainConfig(max_steps=12, lr=3e-3, warmup_steps=2, progress=False, seed=seed))).checkpoint
-        for seed in (1, 2)]
+    return tiny_pretrained_checkpoints(tmp_path_factory.mktemp("serving-ckpts"))
 
 
 @pytest.fixture(scope="module")
