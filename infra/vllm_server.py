@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import time
@@ -45,11 +46,14 @@ class ServingConfig:
     """How vLLM processes are started and how the router follows the champion."""
 
     python: Path = Path(os.environ.get("FLYWHEEL_SERVING_PYTHON", REPO_ROOT / ".venv-serving" / "bin" / "python"))
-    memory_utilization: float = 0.3  # --gpu-memory-utilization: on CPU, the share of host memory reserved
-    cpu_kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE (CPU only)
+    # --gpu-memory-utilization: on CPU the share of host memory reserved; blue/green runs two servers
+    # at once, so on one GPU keep it under 0.5.
+    memory_utilization: float = float(os.environ.get("FLYWHEEL_VLLM_MEMORY_UTILIZATION", "0.3"))
+    cpu_kv_cache_gib: int = int(os.environ.get("FLYWHEEL_VLLM_CPU_KV_CACHE_GIB", "1"))  # VLLM_CPU_KVCACHE_SPACE
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     enforce_eager: bool = False  # skip torch.compile: faster start, slower tokens
-    extra_args: tuple[str, ...] = ()  # any other `vllm serve` flag, passed through
+    # Any other vLLM server flag, e.g. FLYWHEEL_VLLM_ARGS="--enforce-eager --max-num-seqs 64".
+    extra_args: tuple[str, ...] = tuple(shlex.split(os.environ.get("FLYWHEEL_VLLM_ARGS", "")))
     health_timeout_s: float = 600.0
     poll_s: float = 2.0  # how often the router asks the registry who the champion is
     drain_timeout_s: float = 120.0  # longest wait for in-flight requests on the old version
