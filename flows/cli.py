@@ -41,17 +41,37 @@ class _CurrentStderr(logging.StreamHandler):
         pass
 
 
+OUR_LOGGERS = ("stages", "flows", "infra", "registry", "prefect.flow_runs", "prefect.task_runs")
+_saved_logging: list[tuple[int, list[logging.Handler], dict[str, int]]] = []
+
+
 def _setup_logging(name: str) -> Path:
     s = load_settings()
     s.logs_dir.mkdir(parents=True, exist_ok=True)
     log_file = s.logs_dir / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    root = logging.getLogger()
+    _saved_logging.append((root.level, list(root.handlers), {n: logging.getLogger(n).level for n in OUR_LOGGERS}))
     handlers = [_CurrentStderr(), logging.FileHandler(log_file)]
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         handlers=handlers, force=True)
     # Our own story at INFO; libraries (httpx, GX, alembic...) only when they warn.
-    for ours in ("stages", "flows", "infra", "registry", "prefect.flow_runs", "prefect.task_runs"):
+    for ours in OUR_LOGGERS:
         logging.getLogger(ours).setLevel(logging.INFO)
     return log_file
+
+
+def _restore_logging() -> None:
+    """Put logging back as it was before the command: `main()` also runs in-process (tests, notebooks)."""
+    while _saved_logging:
+        level, handlers, levels = _saved_logging.pop()
+        root = logging.getLogger()
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for name, old in levels.items():
+            logging.getLogger(name).setLevel(old)
 
 
 def cmd_services(args: argparse.Namespace) -> int:
@@ -356,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"flywheel: config error: {e}", file=sys.stderr)
         return 2
+    finally:
+        _restore_logging()
 
 
 if __name__ == "__main__":

@@ -297,7 +297,7 @@ def compare_versions(model_name: str = "flywheel-chat", challenger: str = "chall
     logger.info("%s v%s vs v%s on %d prompts (%s)", model_name, ch, cp, len(prompts),
                 ", ".join(f"{v} from {k}" for k, v in sources.items()))
 
-    out = s.runs_dir / f"compare-{model_name}-v{ch}-vs-v{cp}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = s.home / "comparisons" / f"{model_name}-v{ch}-vs-v{cp}-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
     judge = pairwise.OpenAIJudge(judge_url, judge_model, timeout_s=float(timeout_s))
     run_tags = {"stage": STAGE, "model.name": model_name, "challenger.version": ch, "champion.version": cp,
