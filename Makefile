@@ -37,9 +37,11 @@ services-up: install
 services-down:
 	$(BIN)/flywheel services down
 
-bench: install
+bench: install serving-env
 	$(BIN)/python benchmarks/platform_tax.py --steps 60 --repeats 3 --log-every 10
 	$(BIN)/python benchmarks/lifecycle.py --preset $(PRESET)
+	$(BIN)/python benchmarks/serving.py --checkpoint .flywheel/champion/flywheel-chat/hf_model --switches 2
+	$(BIN)/python benchmarks/evaluation.py --checkpoint .flywheel/champion/flywheel-chat/hf_model --dataset data/clean
 
 clean:
 	-$(BIN)/flywheel services down
