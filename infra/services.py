@@ -239,13 +239,19 @@ def _launch(settings: Settings, name: str, port: int, model_name: str = "") -> _
             stdin=subprocess.DEVNULL,
             stdout=logf,
             stderr=subprocess.STDOUT,
-            env=server_env(settings),
+            env={**server_env(settings), **_own_env(name, url)},
             cwd=settings.home,  # anything a server writes relative lands in the state root
             start_new_session=True,  # own process group: survives us, and down() kills the group
         )
     _children[proc.pid] = proc
     log.info("%s: started pid %s on %s (log: %s)", name, proc.pid, url, log_path)
     return _Launch(name, proc, port, url, log_path)
+
+
+def _own_env(name: str, url: str) -> dict[str, str]:
+    # Prefect's UI asks /ui-settings where the API is; unset, it answers the default port 4200, and
+    # the page of a server on any other port shows "Can't connect to Server API".
+    return {"PREFECT_UI_API_URL": url} if name == "prefect" else {}
 
 
 def _wait_healthy(launch: _Launch, timeout: float) -> None:

@@ -110,3 +110,9 @@ def test_session_services_fixture_exports_env(services):
     assert os.environ["PREFECT_API_URL"] == services["prefect"]
     assert get_current_settings().api.url == services["prefect"]
     assert mlflow.get_tracking_uri() == services["mlflow"]
+
+
+def test_prefect_ui_is_told_its_own_api_url(services):
+    """The UI page asks /ui-settings where the API is: it must be this server, not the default :4200."""
+    settings = httpx.get(f"{services['prefect_ui']}/ui-settings", timeout=10).json()
+    assert settings["api_url"] == services["prefect"]
