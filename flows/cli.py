@@ -8,6 +8,7 @@
     flywheel compare --judge-url URL --judge-model M [--prompts F]  challenger vs champion by a judge; ratings
     flywheel models list|show V|promote V [--force --reason TEXT]|rollback [--name flywheel-chat]
                                                              the registry: champion, gates, history
+    flywheel annotators add NAME [--admin]|list|disable NAME  annotation page logins ($FLYWHEEL_ANNOTATOR_PASSWORD)
 """
 
 from __future__ import annotations
@@ -309,6 +310,43 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_annotators(args: argparse.Namespace) -> int:
+    """Logins of the annotation page; a refused request is one line on stderr."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from ui import store as labels
+
+    try:
+        st = labels.open_store()
+        if args.action == "add":
+            password = os.environ.get("FLYWHEEL_ANNOTATOR_PASSWORD")
+            if password is None:
+                import getpass
+
+                password = getpass.getpass(f"password for {args.name}: ")
+            labels.add_annotator(st, args.name, password, admin=args.admin)
+            print(f"added annotator {args.name}" + (" (admin)" if args.admin else ""))
+        elif args.action == "disable":
+            labels.disable_annotator(st, args.name)
+            print(f"disabled annotator {args.name}")
+        else:
+            rows = labels.list_annotators(st)
+            if not rows:
+                print("no annotators yet: flywheel annotators add NAME")
+            for a in rows:
+                role = "admin" if a.is_admin else "annotator"
+                print(f"{a.name:24s} {role:9s} {'disabled' if a.disabled else 'active':8s} "
+                      f"{a.created_at:%Y-%m-%d %H:%M:%S}")
+    except labels.StoreError as err:
+        print(f"flywheel annotators {args.action}: {err}", file=sys.stderr)
+        return 1
+    except SQLAlchemyError as err:  # the labels database is unreachable or not a database
+        reason = " ".join(str(getattr(err, "orig", None) or err).split())
+        print(f"flywheel annotators {args.action}: labels database: {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flywheel", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -363,6 +401,14 @@ def parser() -> argparse.ArgumentParser:
     prm.add_argument("--reason", default=None, help="why the gate is overridden (recorded in the history)")
     mdl_sub.add_parser("rollback", parents=[named], help="back to the previous champion in the history")
     mdl.set_defaults(fn=cmd_models)
+    ann = sub.add_parser("annotators", help="logins of the annotation page")
+    ann_sub = ann.add_subparsers(dest="action", required=True)
+    ann_add = ann_sub.add_parser("add", help="add an annotator (password: $FLYWHEEL_ANNOTATOR_PASSWORD or a prompt)")
+    ann_add.add_argument("name")
+    ann_add.add_argument("--admin", action="store_true", help="may see the admin tab and export")
+    ann_sub.add_parser("list", help="annotators, roles, whether disabled")
+    ann_sub.add_parser("disable", help="refuse this annotator's logins from now on").add_argument("name")
+    ann.set_defaults(fn=cmd_annotators)
     return p
 
 
