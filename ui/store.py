@@ -270,13 +270,18 @@ def next_item(store: Store, annotator: str, lease_s: float = 600, overlap: int =
         labels = select(Label.item_id).group_by(Label.item_id).having(func.count() >= overlap)
         held = select(Assignment.item_id).where(Assignment.leased_until > now)
         labelled_by_me = select(Label.item_id).where(Label.annotator_id == me.id)
-        query = (select(Item).where(Item.id.not_in(labels), Item.id.not_in(held),
-                                    Item.id.not_in(labelled_by_me)).order_by(Item.id).limit(1))
-        # On PostgreSQL the row lock serialises two annotators racing for the same item (SQLite's
-        # BEGIN IMMEDIATE already did); the loser skips it and takes the next one.
+        free = (Item.id.not_in(labels), Item.id.not_in(held), Item.id.not_in(labelled_by_me))
+        query = select(Item).where(*free).order_by(Item.id).limit(1)
         if s.get_bind().dialect.name != "sqlite":
+            # SQLite's BEGIN IMMEDIATE already serialised us. On PostgreSQL the row lock does: a racer
+            # skips the locked item; one that got the lock just after the holder committed re-checks
+            # with a fresh statement (READ COMMITTED), sees the new lease and takes the next item.
             query = query.with_for_update(skip_locked=True)
-        item = s.scalars(query).first()
+            while (item := s.scalars(query).first()) is not None:
+                if s.scalar(select(Item.id).where(Item.id == item.id, *free)) is not None:
+                    break
+        else:
+            item = s.scalars(query).first()
         if item is None:
             return None
         a = s.scalar(select(Assignment).where(Assignment.item_id == item.id, Assignment.annotator_id == me.id))
