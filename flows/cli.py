@@ -146,12 +146,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     urls = services.up()
     services.export_env(urls)
-    from mlflow import MlflowClient
-
-    from flows.evaluation import evaluate_version, resolve_version
+    from flows.evaluation import evaluate_version
+    from registry import models
 
     try:  # bad input gets one line here, before a flow run exists to log a traceback
-        version = resolve_version(MlflowClient(urls["mlflow"], urls["mlflow"]), args.name, args.version)
+        version = models.resolve_version(urls["mlflow"], args.name, args.version)
         _setup_logging("evaluate")
         metrics = evaluate_version(model_name=args.name, version=version, dataset=args.dataset,
                                    preset=args.preset, overrides=args.overrides)

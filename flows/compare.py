@@ -35,7 +35,6 @@ from pathlib import Path
 from mlflow import MlflowClient
 from prefect import flow, get_run_logger
 
-from flows.evaluation import resolve_version
 from flows.lifecycle import EXPERIMENT
 from infra.settings import load_settings
 from registry import models
@@ -280,7 +279,7 @@ def compare_versions(model_name: str = "flywheel-chat", challenger: str = "chall
     if not uri:
         raise RuntimeError("MLFLOW_TRACKING_URI is not set: start services with `flywheel services up`")
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    ch, cp = resolve_version(client, model_name, challenger), resolve_version(client, model_name, champion)
+    ch, cp = models.resolve_version(client, model_name, challenger), models.resolve_version(client, model_name, champion)
     if ch == cp:
         raise ValueError(f"challenger {challenger!r} and champion {champion!r} are both v{ch} of {model_name!r}: "
                          "nothing to compare")

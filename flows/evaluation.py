@@ -23,14 +23,6 @@ from registry.tracking import run_context
 from stages import evaluate
 
 
-def resolve_version(client: MlflowClient, name: str, version_or_alias: str) -> str:
-    """A version number as given, or the version an alias points at; one-line LookupErrors otherwise."""
-    if version_or_alias.isdigit():
-        models._model_version(client, name, version_or_alias)  # VersionNotFound / ModelNotFound, one line
-        return version_or_alias
-    return str(models.resolve(client, name, version_or_alias).version)
-
-
 @flow(name="evaluate-version", log_prints=True, validate_parameters=False)
 def evaluate_version(model_name: str = "flywheel-chat", version: str = "champion", dataset: str | None = None,
                      preset: str = "tiny", overrides: list[str] | None = None) -> dict[str, float]:
@@ -41,7 +33,7 @@ def evaluate_version(model_name: str = "flywheel-chat", version: str = "champion
     if not uri:
         raise RuntimeError("MLFLOW_TRACKING_URI is not set: start services with `flywheel services up`")
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    number = resolve_version(client, model_name, version)
+    number = models.resolve_version(client, model_name, version)
     tags = client.get_model_version(model_name, number).tags
     data = Path(dataset) if dataset else s.repo_root / tags.get("data.path", "data/clean")
     if not data.exists():

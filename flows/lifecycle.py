@@ -156,10 +156,6 @@ class Promotion:
     champion: str | None  # the champion after the phase
     verdicts: list[gates.GateVerdict]
 
-    @property
-    def reason(self) -> str:
-        return "; ".join(v.reason for v in self.verdicts)
-
 
 @flow(name="promote", validate_parameters=False)
 def promote_flow(cfg: LifecycleConfig, ctx: RunContext, checkpoint: Path, scored: Scored, dataset: Path) -> Promotion:

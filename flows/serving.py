@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import httpx
-import mlflow.artifacts
 from mlflow import MlflowClient
 from prefect import flow, get_run_logger
 
@@ -50,12 +49,8 @@ class RegistryChampion:
         tmp = final.with_name(f".{final.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        source = self.client.get_model_version_download_uri(self.name, version)
-        mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=self.client.tracking_uri)
-        found = next((p.parent for p in sorted(tmp.rglob("config.json"))), None)
-        if found is None:
-            raise FileNotFoundError(f"{self.name} v{version} ({source}) holds no Hugging Face checkpoint (no config.json)")
-        found.rename(final)  # the cache only ever holds complete versions
+        local = models.download_version(self.client, self.name, version, dst=tmp)
+        local.rename(final)  # the cache only ever holds complete versions
         shutil.rmtree(tmp, ignore_errors=True)
         return final
 

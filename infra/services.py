@@ -261,7 +261,7 @@ def _wait_healthy(launch: _Launch, timeout: float) -> None:
         if code is not None:
             raise RuntimeError(
                 f"{launch.name} server exited with code {code} before becoming healthy; "
-                f"see {launch.log_path}:\n{_tail(launch.log_path)}"
+                f"see {launch.log_path}:\n{tail(launch.log_path)}"
             )
         if _healthy(launch.name, launch.url):
             log.info("%s: healthy after %.1f s", launch.name, time.monotonic() - t0)
@@ -269,7 +269,7 @@ def _wait_healthy(launch: _Launch, timeout: float) -> None:
         time.sleep(0.25)
     raise TimeoutError(
         f"{launch.name} server (pid {launch.proc.pid}) not healthy at {launch.url} after "
-        f"{timeout:.0f} s; see {launch.log_path}:\n{_tail(launch.log_path)}"
+        f"{timeout:.0f} s; see {launch.log_path}:\n{tail(launch.log_path)}"
     )
 
 
@@ -301,7 +301,8 @@ def _strip_api(url: str) -> str:
     return url[: -len("/api")] if url.endswith("/api") else url
 
 
-def _tail(path: Path, n: int = 20) -> str:
+def tail(path: Path, n: int = 20) -> str:
+    """The last `n` lines of a log file (empty if unreadable): what an error message quotes."""
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
     except OSError:

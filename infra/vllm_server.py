@@ -30,6 +30,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from infra.services import tail
 from infra.settings import OFFLINE_ENV, REPO_ROOT
 
 log = logging.getLogger(__name__)
@@ -166,9 +167,3 @@ class VLLMServer:
             self.proc.wait(timeout=1)
         log.info("v%s: vLLM pid %s stopped", self.version, self.proc.pid)
 
-
-def tail(path: Path, n: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""

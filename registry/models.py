@@ -573,6 +573,18 @@ def resolve(client_or_uri: MlflowClient | str, name: str, alias: str = CHAMPION)
         raise LookupError(f"model {name!r} has no version with alias {alias!r}: {err.message}") from err
 
 
+def resolve_version(client_or_uri: MlflowClient | str, name: str, version_or_alias: str) -> str:
+    """A version number as given (checked to exist), or the version an alias points at.
+
+    Raises ModelNotFound / VersionNotFound / LookupError, each with a one-line message.
+    """
+    client = _client(client_or_uri)
+    if version_or_alias.isdigit():
+        _model_version(client, name, version_or_alias)
+        return version_or_alias
+    return str(resolve(client, name, version_or_alias).version)
+
+
 def download_version(client_or_uri: MlflowClient | str, name: str, version: str, dst: Path | None = None) -> Path:
     """Download one specific version's HF directory; returns its local path.
 
