@@ -83,6 +83,9 @@ class Item(Base):
     model_a: Mapped[str] = mapped_column(String(256), default="")  # never shown to annotators
     model_b: Mapped[str] = mapped_column(String(256), default="")
     source: Mapped[str] = mapped_column(String(256), default="")
+    # Labels wanted for this item; None: the queue's default. Overlap on a share of items is what
+    # agreement is measured on.
+    overlap: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
@@ -95,12 +98,15 @@ class Assignment(Base):
     # None once labelled; in the past when abandoned (the item may then go to someone else).
     leased_until: Mapped[datetime | None] = mapped_column(DateTime, nullable=True, index=True)
     swapped: Mapped[bool] = mapped_column(Boolean, default=False)  # response_b was shown as "A"
+    skipped: Mapped[bool] = mapped_column(Boolean, default=False)  # never offered to this annotator again
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
 class Label(Base):
     __tablename__ = "labels"
-    __table_args__ = (UniqueConstraint("item_id", "annotator_id"),)
+    # AUTOINCREMENT: SQLite would otherwise hand an undone label's id to the next label, and "labels
+    # since the last export" (ids above the exported ones) would miss it.
+    __table_args__ = (UniqueConstraint("item_id", "annotator_id"), {"sqlite_autoincrement": True})
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), index=True)
     annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"), index=True)
@@ -232,12 +238,20 @@ def _check_prompt(prompt: Any) -> Any:
     raise StoreError("prompt: must be a string or a non-empty list of {role, content} messages")
 
 
+def _check_overlap(value: Any) -> int | None:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise StoreError(f"overlap: must be a whole number >= 1, got {value!r}")
+
+
 def add_items(store: Store, items: Iterable[dict]) -> list[int]:
-    """Queue items (dicts with prompt, response_a, response_b and optionally model_a, model_b, source)."""
+    """Queue items: dicts with prompt, response_a, response_b and optionally model_a, model_b, source,
+    overlap (labels wanted; default: the queue's)."""
     with store.session.begin() as s:
         rows = [Item(prompt=_check_prompt(it["prompt"]), response_a=str(it["response_a"]),
                      response_b=str(it["response_b"]), model_a=str(it.get("model_a", "")),
-                     model_b=str(it.get("model_b", "")), source=str(it.get("source", ""))) for it in items]
+                     model_b=str(it.get("model_b", "")), source=str(it.get("source", "")),
+                     overlap=_check_overlap(it.get("overlap"))) for it in items]
         s.add_all(rows)
         s.flush()
         return [r.id for r in rows]
@@ -258,7 +272,10 @@ def _shown(item: Item, a: Assignment) -> Pair:
 
 
 def next_item(store: Store, annotator: str, lease_s: float = 600, overlap: int = 1) -> Pair | None:
-    """The annotator's current item, or lease them a new one; None when nothing is left for them."""
+    """The annotator's current item, or lease them a new one; None when nothing is left for them.
+
+    `overlap` is the number of labels an item wants unless the item sets its own.
+    """
     now = store.clock()
     with store.session.begin() as s:
         me = _active_annotator(s, annotator)
@@ -267,10 +284,12 @@ def next_item(store: Store, annotator: str, lease_s: float = 600, overlap: int =
                          .order_by(Assignment.id)).first()
         if mine is not None:  # a reload or a second tab shows the same item, not a new one
             return _shown(s.get(Item, mine.item_id), mine)
-        labels = select(Label.item_id).group_by(Label.item_id).having(func.count() >= overlap)
+        label_count = select(func.count(Label.id)).where(Label.item_id == Item.id).correlate(Item).scalar_subquery()
         held = select(Assignment.item_id).where(Assignment.leased_until > now)
         labelled_by_me = select(Label.item_id).where(Label.annotator_id == me.id)
-        free = (Item.id.not_in(labels), Item.id.not_in(held), Item.id.not_in(labelled_by_me))
+        skipped_by_me = select(Assignment.item_id).where(Assignment.annotator_id == me.id, Assignment.skipped)
+        free = (label_count < func.coalesce(Item.overlap, overlap), Item.id.not_in(held),
+                Item.id.not_in(labelled_by_me), Item.id.not_in(skipped_by_me))
         query = select(Item).where(*free).order_by(Item.id).limit(1)
         if s.get_bind().dialect.name != "sqlite":
             # SQLite's BEGIN IMMEDIATE already serialised us. On PostgreSQL the row lock does: a racer
@@ -291,6 +310,17 @@ def next_item(store: Store, annotator: str, lease_s: float = 600, overlap: int =
         a.leased_until = now + timedelta(seconds=lease_s)
         s.flush()
         return _shown(item, a)
+
+
+def skip_item(store: Store, annotator: str, item_id: int) -> None:
+    """Hand the item back: it goes to someone else, never again to this annotator."""
+    with store.session.begin() as s:
+        me = _active_annotator(s, annotator)
+        a = s.scalar(select(Assignment).where(Assignment.item_id == item_id, Assignment.annotator_id == me.id,
+                                              Assignment.leased_until.is_not(None), Assignment.skipped.is_(False)))
+        if a is None:
+            raise NotAssigned(f"item {item_id} is not assigned to {annotator}")
+        a.skipped, a.leased_until = True, store.clock()
 
 
 # --- labels -----------------------------------------------------------------------------------------

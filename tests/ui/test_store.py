@@ -104,6 +104,37 @@ def test_nobody_gets_an_item_twice_and_overlap_two_reaches_two_people(store):
     assert st.next_item(store, "bo", overlap=1) is None  # overlap 1: one label is enough
 
 
+def test_an_item_can_ask_for_more_labels_than_the_queue_default(store):
+    _people(store, "ana", "bo")
+    single, double = st.add_items(store, [{"prompt": "one", "response_a": "a", "response_b": "b"},
+                                          {"prompt": "two", "response_a": "a", "response_b": "b", "overlap": 2}])
+    _label(store, "ana", st.next_item(store, "ana"))
+    _label(store, "ana", st.next_item(store, "ana"))
+    assert st.next_item(store, "bo").item_id == double  # the single one is done after one label
+    with pytest.raises(st.StoreError, match="overlap"):
+        st.add_items(store, [{"prompt": "x", "response_a": "a", "response_b": "b", "overlap": 0}])
+
+
+def test_a_skipped_item_goes_to_someone_else_and_never_back(store):
+    _people(store, "ana", "bo")
+    first, second = _items(store, 2)
+    assert st.next_item(store, "ana").item_id == first
+    st.skip_item(store, "ana", first)
+    assert st.next_item(store, "ana").item_id == second
+    assert st.next_item(store, "bo").item_id == first
+    with pytest.raises(st.NotAssigned):
+        st.skip_item(store, "ana", first)  # no longer hers to skip
+
+
+def test_an_undone_labels_id_is_never_handed_out_again(store):
+    _people(store, "ana")
+    _items(store, 2)
+    undone = _label(store, "ana", st.next_item(store, "ana"))
+    st.undo_last(store, "ana")
+    again = _label(store, "ana", st.next_item(store, "ana"), key="second-try")
+    assert again > undone  # "labels since the last export" counts ids above the exported ones
+
+
 def test_choice_and_ratings_are_stored_in_the_items_order_whatever_was_shown(store):
     _people(store, "ana")
     _items(store, 30)
