@@ -9,6 +9,12 @@
     flywheel models list|show V|promote V [--force --reason TEXT]|rollback [--name flywheel-chat]
                                                              the registry: champion, gates, history
     flywheel annotators add NAME [--admin]|list|disable NAME  annotation page logins ($FLYWHEEL_ANNOTATOR_PASSWORD)
+    flywheel annotate [--foreground --port P]                  the annotation page (started in the background)
+    flywheel queue fill [--prompts FILE] [--n N]             champion vs challenger answers into the label queue
+    flywheel labels export                                   labels -> preference pairs, a DVC version
+    flywheel feedback [--preset tiny] [section.key=value ...]  export -> DPO from the champion -> gate -> serve
+    flywheel deploy [--preset tiny] [section.key=value ...]  Prefect deployments and schedules (the worker runs them)
+    flywheel worker [--port P]                               run deployments' flow runs (what services start)
 """
 
 from __future__ import annotations
@@ -346,6 +352,13 @@ def cmd_annotators(args: argparse.Namespace) -> int:
     return 0
 
 
+def _delegate(module: str, function: str):
+    """A command whose code lives with its flow: imported only when that command runs."""
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), function)(args)
+    return run
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flywheel", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -408,6 +421,36 @@ def parser() -> argparse.ArgumentParser:
     ann_sub.add_parser("list", help="annotators, roles, whether disabled")
     ann_sub.add_parser("disable", help="refuse this annotator's logins from now on").add_argument("name")
     ann.set_defaults(fn=cmd_annotators)
+    page = sub.add_parser("annotate", help="the annotation page: start it (or reuse it) and print its URL")
+    page.add_argument("--foreground", action="store_true", help="run the page in this process (what services start)")
+    page.add_argument("--port", type=int, default=0, help="with --foreground: the port to listen on")
+    page.set_defaults(fn=_delegate("flows.annotation", "cmd_annotate"))
+    queue = sub.add_parser("queue", help="the annotation queue")
+    queue_sub = queue.add_subparsers(dest="action", required=True)
+    fill = queue_sub.add_parser("fill", help="answer prompts with champion and challenger; queue the pairs")
+    fill.add_argument("--name", default="flywheel-chat")
+    fill.add_argument("--prompts", default=None, metavar="FILE",
+                      help="JSONL with a \"prompt\" (text or messages) per line, or plain text, one prompt a line "
+                           "(default: serving logs, then the champion's evaluation prompts)")
+    fill.add_argument("--n", type=int, default=None, help="number of items (default: queue.n of the preset)")
+    fill.add_argument("--preset", default="tiny")
+    fill.add_argument("overrides", nargs="*", metavar="queue.key=value")
+    queue.set_defaults(fn=_delegate("flows.queue", "cmd_queue"))
+    lab = sub.add_parser("labels", help="the labels: export them as a versioned preference dataset")
+    lab.add_argument("action", choices=("export",))
+    lab.set_defaults(fn=_delegate("flows.feedback", "cmd_labels"))
+    fb = sub.add_parser("feedback", help="one alignment round on the human labels, in the foreground")
+    fb.add_argument("--name", default="flywheel-chat")
+    fb.add_argument("--preset", default="tiny")
+    fb.add_argument("overrides", nargs="*", metavar="section.key=value")
+    fb.set_defaults(fn=_delegate("flows.feedback", "cmd_feedback"))
+    dep = sub.add_parser("deploy", help="register Prefect deployments and schedules; (re)start the worker")
+    dep.add_argument("--preset", default="tiny")
+    dep.add_argument("overrides", nargs="*", metavar="section.key=value")
+    dep.set_defaults(fn=_delegate("flows.deploy", "cmd_deploy"))
+    wrk = sub.add_parser("worker", help="execute deployment runs in this process (what services start)")
+    wrk.add_argument("--port", type=int, default=0, help="port of its health endpoint")
+    wrk.set_defaults(fn=_delegate("flows.deploy", "cmd_worker"))
     return p
 
 

@@ -66,6 +66,45 @@ class ServePhaseConfig:
     timeout_s: float = 900.0  # for serving to answer with the champion (vLLM starts in 35-105 s on 2 cores)
 
 
+@dataclass(frozen=True, kw_only=True)
+class QueueConfig:
+    """`flywheel queue fill`: prompts answered by champion and challenger, queued for annotators."""
+
+    n: int = 20  # items per fill
+    overlap: int = 2  # labels wanted on the overlapping share of items (agreement is measured there)
+    overlap_share: float = 0.25  # the rest need one label each
+    max_new_tokens: int = 64
+    temperature: float = 0.8  # sampling: two answers of one model differ when there is no other version yet
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.overlap < 1 or not 0.0 <= self.overlap_share <= 1.0:
+            raise ConfigError("queue: n and overlap must be >= 1 and overlap_share within [0, 1]")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FeedbackConfig:
+    """The feedback round: new labels -> preference pairs -> DPO from the champion -> gate -> serve."""
+
+    min_new_labels: int = 20  # the scheduled check starts a round once this many labels are new
+    check_every_s: int = 60  # how often that check counts them (a Prefect interval schedule)
+    min_pairs: int = 4  # fewer usable pairs than this (after ties and both-bad) and the round stops early
+
+    def __post_init__(self) -> None:
+        if self.min_new_labels < 1 or self.check_every_s < 10 or self.min_pairs < 1:
+            raise ConfigError("feedback: min_new_labels and min_pairs must be >= 1, check_every_s >= 10")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScheduleConfig:
+    """Cron schedules of the deployments (`flywheel deploy`); times in `timezone`."""
+
+    enabled: bool = True  # tests switch schedules off; the README's setup keeps them on
+    retrain_cron: str = "0 3 * * 0"  # the whole lifecycle, weekly (Sunday 03:00)
+    evaluate_cron: str = "0 2 * * *"  # the champion's evaluation, nightly
+    timezone: str = "UTC"
+
+
 # section -> (config class, fields the flow fills in)
 SECTIONS: dict[str, tuple[type, frozenset[str]]] = {
     "collect": (CollectConfig, frozenset({"output_dir"})),
@@ -81,6 +120,9 @@ SECTIONS: dict[str, tuple[type, frozenset[str]]] = {
     "ray": (RayConfig, frozenset()),
     "promote": (PromoteConfig, frozenset()),
     "serve": (ServePhaseConfig, frozenset()),
+    "queue": (QueueConfig, frozenset()),
+    "feedback": (FeedbackConfig, frozenset()),
+    "schedule": (ScheduleConfig, frozenset()),
 }
 _PLACEHOLDER = Path("/nonexistent")
 

@@ -1,7 +1,9 @@
-"""The embedded Prefect and MLflow servers and the serving router: start once, reuse, stop.
+"""The embedded Prefect and MLflow servers, the deployments' worker, the annotation page and the
+serving router: start once, reuse, stop.
 
     python -c "from infra import services; print(services.up())"
     python -c "from infra import services; print(services.up_serving('flywheel-chat'))"
+    python -c "from infra import services; print(services.up_annotation())"
 
 For each service: an environment variable (`PREFECT_API_URL`, `MLFLOW_TRACKING_URI`, `SERVING_URL`) wins and
 nothing is started (that is how the platform talks to real servers at scale). Otherwise the server
@@ -39,7 +41,10 @@ from infra.settings import OFFLINE_ENV, Settings, load_settings
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
-ENV_VARS = {"prefect": "PREFECT_API_URL", "mlflow": "MLFLOW_TRACKING_URI", "serving": "SERVING_URL"}
+# Every service, in start order; an environment variable that points at one elsewhere starts nothing.
+SERVICES = ("prefect", "mlflow", "worker", "annotation", "serving")
+ENV_VARS = {"prefect": "PREFECT_API_URL", "mlflow": "MLFLOW_TRACKING_URI", "serving": "SERVING_URL",
+            "annotation": "FLYWHEEL_ANNOTATION_URL"}
 CORE = ("prefect", "mlflow")  # what up() starts; serving starts once there is a champion to serve
 HEALTH_TIMEOUT_S = 120.0  # Prefect runs its DB migrations on first start: ~10-20 s on 2 cores
 SERVING_TIMEOUT_S = 900.0  # the router is healthy once vLLM serves the champion: 35-105 s on 2 cores
@@ -62,17 +67,31 @@ class _Launch:
 # ----------------------------------------------------------------------------- public API
 
 
-def up(settings: Settings | None = None, timeout: float = HEALTH_TIMEOUT_S) -> dict[str, str]:
-    """Make sure Prefect and MLflow are reachable; return their URLs.
+def up(settings: Settings | None = None, timeout: float = HEALTH_TIMEOUT_S, worker: bool = False) -> dict[str, str]:
+    """Make sure Prefect and MLflow are reachable (and, with `worker`, the process that executes
+    deployment runs: `flywheel worker`); return their URLs.
 
-    Returns {"prefect": api_url, "mlflow": tracking_uri, "prefect_ui": ..., "mlflow_ui": ...}.
-    Does not change os.environ: call `export_env(urls)` for that.
+    Returns {"prefect": api_url, "mlflow": tracking_uri, "prefect_ui": ..., "mlflow_ui": ...} and
+    "worker" (its health URL) when asked for. Does not change os.environ: call `export_env(urls)`.
     """
     s = settings or load_settings()
     urls = _ensure(s, CORE, timeout)
+    if worker:  # after Prefect: the worker registers its deployments there as it starts
+        env = {"PREFECT_API_URL": urls["prefect"], "MLFLOW_TRACKING_URI": urls["mlflow"]}
+        urls |= _ensure(s, ("worker",), timeout, env=env)
     urls["prefect_ui"] = _strip_api(urls["prefect"])
     urls["mlflow_ui"] = urls["mlflow"]
     return urls
+
+
+def up_annotation(settings: Settings | None = None, timeout: float = HEALTH_TIMEOUT_S) -> str:
+    """Make sure the annotation page runs (`flywheel annotate --foreground`); return its URL.
+
+    `FLYWHEEL_ANNOTATION_URL` points at a page that runs elsewhere and starts nothing. The page
+    reads the labels database from `FLYWHEEL_LABELS_DB` (default: SQLite under the state root).
+    """
+    s = settings or load_settings()
+    return _ensure(s, ("annotation",), timeout)["annotation"]
 
 
 def up_serving(model_name: str, settings: Settings | None = None, timeout: float = SERVING_TIMEOUT_S) -> str:
@@ -85,13 +104,14 @@ def up_serving(model_name: str, settings: Settings | None = None, timeout: float
     return _ensure(s, ("serving",), timeout, model_name=model_name)["serving"]
 
 
-def _ensure(s: Settings, names: tuple[str, ...], timeout: float, model_name: str = "") -> dict[str, str]:
+def _ensure(s: Settings, names: tuple[str, ...], timeout: float, model_name: str = "",
+            env: dict[str, str] | None = None) -> dict[str, str]:
     urls: dict[str, str] = {}
     # One lock per group: waiting minutes for serving must not block `up()` of Prefect and MLflow.
     with _lock(s, "-".join(names)):
         launches: list[_Launch] = []
         for name in names:
-            external = os.environ.get(ENV_VARS[name])
+            external = os.environ.get(ENV_VARS.get(name, ""))
             if external:
                 log.info("%s: using %s=%s, starting nothing", name, ENV_VARS[name], external)
                 urls[name] = external
@@ -105,7 +125,7 @@ def _ensure(s: Settings, names: tuple[str, ...], timeout: float, model_name: str
                 log.warning("%s: recorded server pid %s is not healthy; replacing it", name, record["pid"])
                 _stop(s, name, record)
             taken = {launch.port for launch in launches}
-            launches.append(_launch(s, name, free_port(taken), model_name))
+            launches.append(_launch(s, name, free_port(taken), model_name, env))
 
         # Both servers boot concurrently; wait for each in turn.
         try:
@@ -125,7 +145,8 @@ def status(settings: Settings | None = None) -> dict[str, dict]:
     """Per service: url, pid, alive, healthy, external (an env var points elsewhere)."""
     s = settings or load_settings()
     out: dict[str, dict] = {}
-    for name, var in ENV_VARS.items():
+    for name in SERVICES:
+        var = ENV_VARS.get(name, "")
         external = os.environ.get(var)
         if external:
             healthy = _healthy(name, external) if external.startswith("http") else True
@@ -147,14 +168,14 @@ def status(settings: Settings | None = None) -> dict[str, dict]:
 
 
 def down(settings: Settings | None = None, timeout: float = STOP_TIMEOUT_S,
-         names: tuple[str, ...] = ("serving", *CORE)) -> list[str]:
+         names: tuple[str, ...] = tuple(reversed(SERVICES))) -> list[str]:
     """Stop the servers we recorded (never external ones); return the names stopped.
 
-    Serving goes first by default: it reads the registry until it stops.
+    In reverse start order by default: serving and the worker use the registry until they stop.
     """
     s = settings or load_settings()
     stopped = []
-    with _lock(s, "serving"), _lock(s, "-".join(CORE)):
+    with (_lock(s, "serving"), _lock(s, "annotation"), _lock(s, "worker"), _lock(s, "-".join(CORE))):
         for name in names:
             record = _read_record(s, name)
             if record is None:
@@ -213,6 +234,10 @@ def _command(settings: Settings, name: str, port: int, model_name: str = "") -> 
     if name == "serving":
         cmd = [str(bin_dir / "flywheel"), "serve", "--foreground", "--port", str(port), "--name", model_name]
         return cmd, f"http://{HOST}:{port}/v1"
+    if name == "annotation":  # the page and the worker both answer GET /health at their URL
+        return [str(bin_dir / "flywheel"), "annotate", "--foreground", "--port", str(port)], f"http://{HOST}:{port}"
+    if name == "worker":
+        return [str(bin_dir / "flywheel"), "worker", "--port", str(port)], f"http://{HOST}:{port}"
     if name == "prefect":
         cmd = [str(bin_dir / "prefect"), "server", "start", "--host", HOST, "--port", str(port)]
         return cmd, f"http://{HOST}:{port}/api"
@@ -226,7 +251,8 @@ def _command(settings: Settings, name: str, port: int, model_name: str = "") -> 
     return cmd, f"http://{HOST}:{port}"
 
 
-def _launch(settings: Settings, name: str, port: int, model_name: str = "") -> _Launch:
+def _launch(settings: Settings, name: str, port: int, model_name: str = "",
+            env: dict[str, str] | None = None) -> _Launch:
     cmd, url = _command(settings, name, port, model_name)
     settings.logs_dir.mkdir(parents=True, exist_ok=True)
     (settings.home / "prefect").mkdir(parents=True, exist_ok=True)
@@ -239,7 +265,7 @@ def _launch(settings: Settings, name: str, port: int, model_name: str = "") -> _
             stdin=subprocess.DEVNULL,
             stdout=logf,
             stderr=subprocess.STDOUT,
-            env={**server_env(settings), **_own_env(name, url)},
+            env={**server_env(settings), **(env or {}), **_own_env(name, url)},
             cwd=settings.home,  # anything a server writes relative lands in the state root
             start_new_session=True,  # own process group: survives us, and down() kills the group
         )
@@ -286,7 +312,7 @@ def free_port(taken: set[int] = frozenset()) -> int:
 def _healthy(name: str, url: str) -> bool:
     if name == "serving":  # healthy = the champion answers (the router's /health sits beside /v1)
         health = f"{url.rstrip('/').removesuffix('/v1')}/health"
-    elif name == "prefect":
+    elif name in ("prefect", "annotation", "worker"):
         health = f"{url.rstrip('/')}/health"
     else:
         health = f"{_strip_api(url)}/health"
