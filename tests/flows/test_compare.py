@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 
 from flows import cli
 from flows import compare as cmp
+from flows import prompts
 from registry import gate, models
 from stages import collect, pairwise
 from stages.chat import load_problems
@@ -49,16 +50,16 @@ ROTATED = {"path": "/v1/chat/completions", "status": 200, "prompt": [{"role": "u
 def test_prompts_file_jsonl_text_and_the_bad_line_named(tmp_path: Path) -> None:
     good = tmp_path / "p.jsonl"
     good.write_text('{"prompt": "What is 2+2?"}\n\n{"prompt": [{"role": "user", "content": "Hi"}], "id": 7}\n')
-    assert cmp.load_prompts_file(good) == ["What is 2+2?", [{"role": "user", "content": "Hi"}]]
+    assert prompts.load_prompts_file(good) == ["What is 2+2?", [{"role": "user", "content": "Hi"}]]
     text = tmp_path / "p.txt"
     text.write_text("first question\n\n  second question  \n")
-    assert cmp.load_prompts_file(text) == ["first question", "second question"]
+    assert prompts.load_prompts_file(text) == ["first question", "second question"]
     for third_line in ("{not json", '{"text": "no prompt field"}', '{"prompt": ""}', '["a list"]',
                        '{"prompt": [{"role": "user"}]}', '{"prompt": [{"role": "assistant", "content": "x"}]}'):
         bad = tmp_path / "bad.jsonl"
         bad.write_text('{"prompt": "a"}\n\n' + third_line + "\n")
-        with pytest.raises(cmp.PromptsFileError, match=rf"^{re.escape(str(bad))}:3: ") as err:
-            cmp.load_prompts_file(bad)
+        with pytest.raises(prompts.PromptsFileError, match=rf"^{re.escape(str(bad))}:3: ") as err:
+            prompts.load_prompts_file(bad)
         assert "\n" not in str(err.value)
 
 
@@ -68,9 +69,9 @@ def test_logged_prompts_are_distinct_user_prompts_oldest_log_first(tmp_path: Pat
     (logs / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in LOGGED) + "{cut by rotat\n")
     (logs / "requests.jsonl.2").write_text(json.dumps(LOGGED[1]) + "\n")
     (logs / "requests.jsonl.1").write_text(json.dumps(ROTATED) + "\n")
-    files = cmp.serving_log_files(tmp_path)
+    files = prompts.serving_log_files(tmp_path)
     assert [f.name for f in files] == ["requests.jsonl.2", "requests.jsonl.1", "requests.jsonl"]
-    assert cmp.logged_prompts(files) == ["The module", ROTATED["prompt"], LOGGED[0]["prompt"], LOGGED[2]["prompt"]]
+    assert prompts.logged_prompts(files) == ["The module", ROTATED["prompt"], LOGGED[0]["prompt"], LOGGED[2]["prompt"]]
 
 
 def test_a_failed_judge_call_stops_the_queued_ones() -> None:
@@ -231,7 +232,7 @@ def test_compare_judges_both_orders_and_records_run_rows_and_tags(first, registr
 
     # both orders reached the judge with the right answers, and each verdict is recorded
     for row in rows:
-        prompt = cmp.judge_text(row["prompt"])
+        prompt = prompts.judge_text(row["prompt"])
         ch, cp = row["challenger_answer"], row["champion_answer"]
         assert (prompt, ch, cp) in judge.seen and (prompt, cp, ch) in judge.seen
         longer = _hand_score(row)
