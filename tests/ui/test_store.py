@@ -1,4 +1,5 @@
-"""The annotation store on a real SQLite WAL file: logins, the lease queue, labels and their guards."""
+"""The annotation store on a real SQLite WAL file and a real PostgreSQL: logins, the lease queue, labels
+and their guards. Every test that takes `store` or `store_url` runs on both (tests/ui/pg.py)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,20 @@ import pytest
 from sqlalchemy import func, select
 
 from flows import cli
+from tests.ui.pg import postgres_server, store_url  # noqa: F401 (fixtures)
 from ui import store as st
 from ui.passwords import hash_password, verify_password
 
 
 @pytest.fixture
-def store(tmp_path):
+def store(store_url):  # noqa: F811 (the imported fixture)
+    s = st.open_store(store_url)
+    yield s
+    s.engine.dispose()
+
+
+@pytest.fixture
+def sqlite_store(tmp_path):
     s = st.open_store(f"sqlite:///{tmp_path / 'labels.db'}")
     yield s
     s.engine.dispose()
@@ -34,7 +43,8 @@ def _label(store, who, pair, key=None, choice="A", **kw):
     return st.submit_label(store, who, pair.item_id, choice, idempotency_key=key or f"{who}-{pair.item_id}", **kw)
 
 
-def test_sqlite_store_runs_in_wal_mode_with_a_busy_timeout(store):
+def test_sqlite_store_runs_in_wal_mode_with_a_busy_timeout(sqlite_store):
+    store = sqlite_store
     with store.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 5000
@@ -207,8 +217,8 @@ def test_invalid_fields_are_refused_naming_the_field(store, kwargs, field):
     assert _label(store, "ana", pair, rationale="x" * st.MAX_RATIONALE, category="chat", flags=["harmful"])
 
 
-def test_twenty_concurrent_annotators_store_exactly_the_acknowledged_labels(tmp_path):
-    url = f"sqlite:///{tmp_path / 'labels.db'}"
+def test_twenty_concurrent_annotators_store_exactly_the_acknowledged_labels(store_url):  # noqa: F811
+    url = store_url
     setup = st.open_store(url)
     names = [f"a{i}" for i in range(20)]
     _people(setup, *names)
@@ -247,8 +257,8 @@ def test_twenty_concurrent_annotators_store_exactly_the_acknowledged_labels(tmp_
     setup.engine.dispose()
 
 
-def test_annotators_cli_add_list_disable_and_one_line_errors(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("FLYWHEEL_LABELS_DB", f"sqlite:///{tmp_path / 'cli.db'}")
+def test_annotators_cli_add_list_disable_and_one_line_errors(store_url, monkeypatch, capsys):  # noqa: F811
+    monkeypatch.setenv("FLYWHEEL_LABELS_DB", store_url)
     monkeypatch.setenv("FLYWHEEL_ANNOTATOR_PASSWORD", "s3cret")
     assert cli.main(["annotators", "add", "ana", "--admin"]) == 0
     assert cli.main(["annotators", "add", "bo"]) == 0
