@@ -23,13 +23,14 @@ def load_problems(dataset: Path, split: str) -> list[Problem]:
     return problems
 
 
-def prompt_text(tokenizer, question: str) -> str:
-    """The chat prompt up to and including the assistant tag."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                         add_generation_prompt=True)
+def prompt_text(tokenizer, question: str | list[dict[str, str]]) -> str:
+    """The chat prompt up to and including the assistant tag; `question` may be a whole conversation
+    (a list of {role, content} messages, as human preference labels of multi-turn chats are)."""
+    messages = [{"role": "user", "content": question}] if isinstance(question, str) else list(question)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def prompt_ids(tokenizer, question: str) -> list[int]:
+def prompt_ids(tokenizer, question: str | list[dict[str, str]]) -> list[int]:
     return tokenizer(prompt_text(tokenizer, question), add_special_tokens=False)["input_ids"]
 
 
@@ -38,7 +39,7 @@ def response_ids(tokenizer, response: str) -> list[int]:
     return tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
-def prompt_and_response(tokenizer, question: str, response: str) -> tuple[list[int], list[int]]:
+def prompt_and_response(tokenizer, question: str | list[dict[str, str]], response: str) -> tuple[list[int], list[int]]:
     """(token ids, loss mask): the mask is 1 on the assistant's tokens only."""
     p, r = prompt_ids(tokenizer, question), response_ids(tokenizer, response)
     return p + r, [0] * len(p) + [1] * len(r)
