@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 PRESET  ?= tiny
 ARGS    ?=
 
-.PHONY: install serving-env run test services-up services-down bench clean
+.PHONY: install serving-env test-deps run test services-up services-down bench clean
 
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 $(BIN)/flywheel: pyproject.toml requirements.txt requirements-dev.txt constraints.txt
@@ -28,7 +28,19 @@ serving-env: $(SERVING)/.ready
 run: install serving-env
 	$(BIN)/flywheel run --preset $(PRESET) $(ARGS)
 
-test: install serving-env
+# What the tests drive besides Python: a real browser and a real PostgreSQL (Debian packages), installed
+# only when missing, as root or through sudo.
+test-deps:
+	@missing=""; \
+	command -v chromium >/dev/null || missing=" chromium"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || missing="$$missing postgresql"; \
+	[ -z "$$missing" ] && exit 0; \
+	sudo=""; [ "$$(id -u)" = 0 ] || sudo="sudo"; \
+	echo "test-deps: installing Debian packages:$$missing"; \
+	{ $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing >/dev/null; } || \
+	{ echo "test-deps: could not install$$missing with apt-get (needs Debian, and root or sudo); install them and rerun" >&2; exit 1; }
+
+test: install serving-env test-deps
 	$(BIN)/python -m pytest -q $(ARGS)
 
 services-up: install
