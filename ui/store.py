@@ -257,6 +257,11 @@ def add_items(store: Store, items: Iterable[dict]) -> list[int]:
         return [r.id for r in rows]
 
 
+def item_count(store: Store) -> int:
+    with store.session() as s:
+        return s.scalar(select(func.count(Item.id))) or 0
+
+
 @dataclass(frozen=True)
 class Pair:
     """What an annotator sees: no model names, responses in this assignment's A/B order."""
@@ -439,3 +444,32 @@ def undo_last(store: Store, annotator: str, lease_s: float = 600) -> int | None:
             a.leased_until = store.clock() + timedelta(seconds=lease_s)
         s.delete(last)
         return last.item_id
+
+
+# --- what the page shows an annotator ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Progress:
+    labelled: int  # labels by this annotator
+    left: int  # items that still want labels and that this annotator has neither labelled nor skipped
+
+
+def progress(store: Store, annotator: str, overlap: int = 1) -> Progress:
+    """The annotator's progress counter; `overlap` as in `next_item`. Items others hold count as left:
+    their leases may expire and come back."""
+    with store.session() as s:
+        me = _active_annotator(s, annotator)
+        label_count = select(func.count(Label.id)).where(Label.item_id == Item.id).correlate(Item).scalar_subquery()
+        labelled = s.scalar(select(func.count(Label.id)).where(Label.annotator_id == me.id))
+        left = s.scalar(select(func.count(Item.id)).where(
+            label_count < func.coalesce(Item.overlap, overlap),
+            Item.id.not_in(select(Label.item_id).where(Label.annotator_id == me.id)),
+            Item.id.not_in(select(Assignment.item_id).where(Assignment.annotator_id == me.id, Assignment.skipped))))
+        return Progress(labelled=labelled, left=left)
+
+
+def is_admin(store: Store, annotator: str) -> bool:
+    """Whether this name is an active admin (the page's admin tab and its functions check it on every call)."""
+    with store.session() as s:
+        return bool(s.scalar(select(Annotator.id).where(Annotator.name == annotator, Annotator.is_admin,
+                                                        Annotator.disabled.is_(False))))
