@@ -142,14 +142,11 @@ def judge_text(prompt: Prompt) -> str:
 def model_answers(checkpoint: Path, prompts: Sequence[Prompt], max_new_tokens: int, temperature: float = 0.0,
                   seed: int = 0) -> list[str]:
     """One answer per prompt through the checkpoint's chat template; temperature 0 is greedy."""
-    import torch
-
-    torch.manual_seed(seed)
     model, tokenizer = load_model(checkpoint), load_tokenizer(checkpoint)
     texts = [tokenizer.apply_chat_template(as_messages(p), tokenize=False, add_generation_prompt=True)
              for p in prompts]
     answers: list[str] = []
     for lo in range(0, len(texts), ANSWER_BATCH):
         answers += sample(model, tokenizer, texts[lo : lo + ANSWER_BATCH], max_new_tokens=max_new_tokens,
-                          temperature=temperature).texts
+                          temperature=temperature, seed=seed + lo).texts
     return answers
