@@ -218,3 +218,26 @@ def test_hand_move_and_rollback_switch_with_zero_failed_requests(base_url, regis
     assert all(r[2] == v1 for r in load.results if r[0] > switched)
     status = httpx.get(base_url.removesuffix("/v1") + "/status").json()
     assert [(s["from"], s["to"]) for s in status["switches"]] == [(None, v1), (v1, v2), (v2, v1)]
+
+
+@needs_vllm
+@pytest.mark.serving
+@pytest.mark.slow
+def test_queue_fill_takes_the_champions_answers_from_serving(base_url, registry, tmp_path, monkeypatch):
+    from flows.queue import queue_fill_flow
+    from ui import store as st
+
+    client, versions = registry
+    champion = models.champion_version(client, NAME)
+    monkeypatch.setenv("FLYWHEEL_LABELS_DB", f"sqlite:///{tmp_path / 'labels.db'}")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Sam has 3 apples and gets 4 more. How many apples?\nWhat is 12 + 30?\nName a colour.\n")
+    result = queue_fill_flow(name=NAME, prompts_file=str(prompts), overrides=["queue.max_new_tokens=8"])
+    assert result["champion_via"] == "serving" and result["champion"] == champion
+    assert result["challenger"] == next(v for v in versions if v != champion)
+    store = st.open_store()
+    with store.session() as s:
+        items = s.query(st.Item).all()
+    assert len(items) == result["queued"] >= 1
+    assert {(it.model_a, it.model_b) for it in items} == {(f"v{champion}", f"v{result['challenger']}")}
+    store.engine.dispose()
