@@ -1,0 +1,89 @@
+"""`flywheel annotate`: the annotation page, started in the background like the other services.
+
+    FLYWHEEL_ANNOTATOR_PASSWORD=... flywheel annotators add ana --admin
+    flywheel annotate                          # start (or reuse) the page, print its URL
+    flywheel annotate --foreground --port P    # the page process itself (what `flywheel annotate` launches)
+    flywheel services status|down              # include the page
+
+The page reads the labels database from `FLYWHEEL_LABELS_DB` (default: SQLite under the state root);
+`FLYWHEEL_ANNOTATION_URL` points at a page that runs elsewhere, and then nothing is started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import socket
+import sys
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from infra import services
+
+log = logging.getLogger(__name__)
+
+
+def export_summary() -> str:
+    """The admin tab's Export button: labels -> preference pairs as a DVC version (flows/feedback.py).
+
+    Imported when the button is pressed, so the page runs even where that module cannot load.
+    """
+    return importlib.import_module("flows.feedback").export_labels().markdown
+
+
+def _fail(message: str) -> int:
+    print(f"flywheel annotate: {' '.join(message.split())}", file=sys.stderr)
+    return 1
+
+
+def _port_is_free(port: int) -> bool:
+    # uvicorn exits the whole process when it cannot bind: ask first, to fail with one clear line.
+    with socket.socket() as sock:
+        try:
+            sock.bind((services.HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def run_foreground(port: int) -> int:
+    from ui import page
+    from ui import store as labels
+
+    if not _port_is_free(port):
+        return _fail(f"port {port} on {services.HOST} is in use: pick another with --port")
+    try:
+        store = labels.open_store()
+    except SQLAlchemyError as err:
+        return _fail(f"labels database: {getattr(err, 'orig', None) or err}")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("ui").setLevel(logging.INFO)
+    page.launch(port, store, export=export_summary)
+    return 0
+
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    if args.foreground:
+        return run_foreground(args.port or services.free_port())
+    from ui import store as labels
+
+    try:
+        url = services.up_annotation()
+    except (RuntimeError, TimeoutError) as err:
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        # The first line names the log; its last line is usually the page's own one-line error.
+        return _fail(lines[0] + (f" ... {lines[-1]}" if len(lines) > 1 else ""))
+    print(f"Annotation page: {url}")
+    try:
+        people = labels.list_annotators(labels.open_store())
+    except SQLAlchemyError:
+        people = None
+    if not people:
+        print("No annotators yet. Add one (the password comes from $FLYWHEEL_ANNOTATOR_PASSWORD or a prompt):")
+    else:
+        print(f"{sum(not a.disabled for a in people)} active annotators. Add more with:")
+    print("  flywheel annotators add NAME [--admin]")
+    print("Scripts: gradio_client.Client(URL, auth=(NAME, PASSWORD)).predict(api_name=\"/next_pair\"); "
+          "stop it with: flywheel services down")
+    return 0
