@@ -8,7 +8,10 @@ backend needs a GPU), so a promotion is a blue/green switch: start the new versi
 the old one, wait for its health check and one real completion, send new requests to it, let the old
 one finish what it has in flight, stop it. The router itself is a thin ASGI proxy (Starlette, httpx
 and uvicorn are already in the main environment): it forwards `/v1/*` unchanged (streaming
-included), stamps every response with `X-Model-Version`, and writes one log line per request.
+included), stamps every response with `X-Model-Version`, and writes one log line per request. The
+active server's API docs (`/docs`, `/openapi.json` and the Swagger assets under `/static/`) pass through
+too, unlogged: vLLM serves those assets itself only with `--enable-offline-docs` (its default page
+loads them from a CDN, which an offline browser cannot reach).
 
 Who the champion is comes from a `ChampionSource`, polled every `cfg.poll_s` seconds: polling rather
 than MLflow webhooks because it sees every kind of move (gate, CLI, a hand edit in the MLflow UI)
@@ -71,6 +74,7 @@ class Router:
             Route("/health", self.health),
             Route("/status", self.status),
             Route("/v1/{path:path}", self.proxy, methods=["GET", "POST", "DELETE"]),
+            *(Route(path, self.docs) for path in ("/docs", "/openapi.json", "/static/{path:path}")),
         ], lifespan=self._lifespan)
 
     # ------------------------------------------------------------------ following the champion
@@ -235,6 +239,21 @@ class Router:
                           time.perf_counter() - started)
 
         return StreamingResponse(relay(), status_code=upstream.status_code, headers=out_headers)
+
+    async def docs(self, request: Request) -> Response:
+        """The active vLLM server's API docs page and what it loads; not requests worth a log line."""
+        backend = self.active
+        if backend is None:
+            return _error(503, "no model version is being served yet (the champion's server is starting)")
+        try:
+            upstream = await self._client.get(f"{backend.url}{request.url.path}", params=request.query_params)
+        except httpx.TransportError as err:
+            return _error(502, f"model server for v{backend.version} unreachable: {type(err).__name__}")
+        # httpx has decoded the body already: its content-encoding no longer applies.
+        out_headers = {k: v for k, v in upstream.headers.items()
+                       if k.lower() not in HOP_HEADERS and k.lower() != "content-encoding"}
+        out_headers[VERSION_HEADER] = backend.version
+        return Response(upstream.content, status_code=upstream.status_code, headers=out_headers)
 
     async def _send(self, backend: VLLMServer, request: Request, headers: dict, body: bytes) -> httpx.Response:
         upstream = self._client.build_request(request.method, f"{backend.url}{request.url.path}",
