@@ -24,12 +24,12 @@ from infra import services
 log = logging.getLogger(__name__)
 
 
-def export_summary() -> str:
+def export_summary(store=None) -> str:
     """The admin tab's Export button: labels -> preference pairs as a DVC version (flows/feedback.py).
 
     Imported when the button is pressed, so the page runs even where that module cannot load.
     """
-    return importlib.import_module("flows.feedback").export_labels().markdown
+    return importlib.import_module("flows.feedback").export_labels(store).markdown
 
 
 def _fail(message: str) -> int:
@@ -59,7 +59,7 @@ def run_foreground(port: int) -> int:
         return _fail(f"labels database: {getattr(err, 'orig', None) or err}")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("ui").setLevel(logging.INFO)
-    page.launch(port, store, export=export_summary)
+    page.launch(port, store, export=lambda: export_summary(store))
     return 0
 
 

@@ -231,7 +231,11 @@ def build_app(store: st.Store, *, export: Callable[[], str] | None = None, lease
             raise gr.Error(_refusal(err)) from None
         if export is None:
             raise gr.Error("Export is not configured on this page.")
-        return export()
+        try:
+            return export()
+        except Exception as err:  # whatever the export hits (no labels, DVC, MLflow), the admin reads it
+            log.exception("export failed")
+            raise gr.Error(f"Export failed: {' '.join(str(err).split())[:500]}") from None
 
     def next_pair(request: gr.Request) -> dict:
         """The logged-in annotator's item: {item_id, prompt, response_a, response_b}; item_id "" when nothing is left."""

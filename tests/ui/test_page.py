@@ -67,9 +67,9 @@ def test_page_requires_a_login_and_refuses_a_wrong_password(running, login):
         login(running, "ana", "wrong")
     with pytest.raises(ValueError, match="Could not login"):
         login(running, "nobody", "pw-ana")
-    # Without the session cookie the page's config holds no components, only the login form.
-    config = httpx.get(f"{running.url}/config", timeout=5)
-    assert config.status_code == 401 or config.json().get("auth_required") is True
+    # Plain HTTP without the session cookie: neither the page's components nor its endpoints answer.
+    assert httpx.get(f"{running.url}/config", timeout=5).status_code == 401
+    assert httpx.post(f"{running.url}/gradio_api/call/next_pair", json={"data": []}, timeout=5).status_code == 401
 
 
 def test_next_pair_and_submit_label_round_trip_attribute_the_label_to_the_session(running, login):
@@ -355,3 +355,14 @@ def test_annotate_in_the_foreground_fails_with_one_line(tmp_path, monkeypatch, c
     assert cli.main(["annotate", "--foreground", "--port", str(services.free_port())]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("flywheel annotate: labels database:")
+
+
+def test_a_failing_export_tells_the_admin_why(labels_store, start_page, login):
+    _people(labels_store, "ana", admins=("ana",))
+
+    def broken_export() -> str:
+        raise RuntimeError("no labels to export yet")
+
+    running = start_page(labels_store, export=broken_export)
+    with pytest.raises(AppError, match="Export failed: no labels to export yet"):
+        login(running, "ana").predict(api_name="/admin_export")
