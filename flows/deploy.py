@@ -131,23 +131,9 @@ def write_record(record: DeployRecord, settings: Settings | None = None) -> Path
 
 
 def load_flow(spec: Spec):
-    """The flow object, or None while its module does not exist yet (flows still being written).
-
-    A module that exists but fails to import is a real error and raises: a deployment must not
-    silently disappear because of a typo.
-    """
+    """The flow object behind a spec (an import error is a real error: no deployment silently disappears)."""
     module, _, function = spec.entrypoint.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), function)
-    except ModuleNotFoundError as err:
-        if err.name != module:
-            raise
-        return None
-
-
-def pending_specs() -> list[Spec]:
-    """Specs whose module does not exist yet."""
-    return [spec for spec in SPECS if load_flow(spec) is None]
+    return getattr(importlib.import_module(module), function)
 
 
 def default_parameters(flow_obj, record: DeployRecord, cfg: LifecycleConfig) -> dict[str, Any]:
@@ -172,7 +158,8 @@ def schedules(spec: Spec, cfg: LifecycleConfig) -> list:
                           "(an IANA name such as UTC or Europe/Berlin)") from None
     if spec.schedule == "feedback-check":
         return [Interval(datetime.timedelta(seconds=cfg.build("feedback").check_every_s), slug="feedback-check")]
-    key, slug = {"retrain": ("retrain_cron", "retrain"), "evaluate": ("evaluate_cron", "nightly-evaluate")}[spec.schedule]
+    key, slug = {"retrain": ("retrain_cron", "retrain"),
+                 "evaluate": ("evaluate_cron", "nightly-evaluate")}[spec.schedule]
     try:
         return [Cron(getattr(timing, key), timezone=timing.timezone, slug=slug)]
     except ValueError as err:
@@ -180,7 +167,7 @@ def schedules(spec: Spec, cfg: LifecycleConfig) -> list:
 
 
 def build_deployments(record: DeployRecord) -> list:
-    """RunnerDeployments for every spec whose flow exists; raises ConfigError on a bad config."""
+    """A RunnerDeployment for every spec; raises ConfigError on a bad config."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.deployments.runner import EntrypointType
 
@@ -188,9 +175,6 @@ def build_deployments(record: DeployRecord) -> list:
     built = []
     for spec in SPECS:
         flow_obj = load_flow(spec)
-        if flow_obj is None:
-            log.warning("deployment %s: %s does not exist yet; not deployed", spec.name, spec.entrypoint)
-            continue
         limit = None if spec.one_at_a_time is None else ConcurrencyLimitConfig(
             limit=1, collision_strategy=ConcurrencyLimitStrategy(spec.one_at_a_time))
         doc = inspect.getdoc(flow_obj.fn) or ""
@@ -340,9 +324,6 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     width = max(len(name) for name in deployed)
     for name, d in deployed.items():
         print(f"  {name:{width}s}  {describe_schedules(d):22s}  {urls['prefect_ui']}/deployments/deployment/{d.id}")
-    missing = [spec.entrypoint for spec in pending_specs()]
-    if missing:
-        print(f"Not deployed (flows not written yet): {', '.join(missing)}")
     print("Run one from the Prefect UI: open its URL, then Run > Quick run (the defaults above) or "
           "Run > Custom run (edit preset, overrides, inputs).")
     print(f"From a shell: PREFECT_API_URL={urls['prefect']} prefect deployment run 'lifecycle/lifecycle'")

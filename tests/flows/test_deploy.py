@@ -30,15 +30,9 @@ OVERRIDES = [*FAST, "schedule.enabled=false"]
 MODEL_PARAMETER = {"evaluate-version/evaluate": "model_name", "phase-serve/serve": "model_name",
                    "queue-fill/queue-fill": "name", "feedback/feedback": "name",
                    "feedback-check/feedback-check": "name"}
-PHASES = ["lifecycle/lifecycle", "phase-data/data", "phase-tokenizer/tokenizer", "phase-pretrain/pretrain",
-          "phase-align/align", "evaluate-version/evaluate", "phase-promote/promote", "phase-serve/serve"]
-LOOP = ["queue-fill/queue-fill", "feedback/feedback", "feedback-check/feedback-check"]
-
-
-def expected_names() -> list[str]:
-    """Every deployment; the preference-loop flows once their modules exist."""
-    pending = {spec.name for spec in deploy.pending_specs()}
-    return PHASES + [name for name in LOOP if name.split("/")[1] not in pending]
+EVERY = ["lifecycle/lifecycle", "phase-data/data", "phase-tokenizer/tokenizer", "phase-pretrain/pretrain",
+         "phase-align/align", "evaluate-version/evaluate", "phase-promote/promote", "phase-serve/serve",
+         "queue-fill/queue-fill", "feedback/feedback", "feedback-check/feedback-check"]
 
 
 def by_name(deployments) -> dict:
@@ -55,14 +49,13 @@ def test_schedules_come_from_config_and_only_when_enabled():
     assert (retrain.schedule.cron, retrain.schedule.timezone, retrain.active) == ("0 4 * * 1", "Europe/Berlin", True)
     (nightly,) = on["evaluate-version/evaluate"].schedules
     assert (nightly.schedule.cron, nightly.schedule.timezone) == ("0 2 * * *", "Europe/Berlin")
-    if "feedback-check/feedback-check" in on:
-        (check,) = on["feedback-check/feedback-check"].schedules
-        assert check.schedule.interval.total_seconds() == 90
+    (check,) = on["feedback-check/feedback-check"].schedules
+    assert check.schedule.interval.total_seconds() == 90
     scheduled = {"lifecycle/lifecycle", "evaluate-version/evaluate", "feedback-check/feedback-check"}
     assert all(not d.schedules for name, d in on.items() if name not in scheduled)
 
     off = deploy.build_deployments(deploy.DeployRecord("tiny", ["schedule.enabled=false"]))
-    assert sorted(by_name(off)) == sorted(on) and all(not d.schedules for d in off)
+    assert sorted(by_name(off)) == sorted(on) == sorted(EVERY) and all(not d.schedules for d in off)
     # Flow runs start from the installed code by module path: no file paths, no storage to pull.
     assert on["lifecycle/lifecycle"].entrypoint == "flows.lifecycle.lifecycle"
     assert all(d.storage is None for d in off)
@@ -119,15 +112,13 @@ def test_deploy_registers_every_deployment_with_parameters(deployed):
     # With schedules on, the API held the cron and interval schedules from the config...
     assert [s.schedule.cron for s in before["lifecycle/lifecycle"].schedules] == ["0 3 * * 0"]
     assert [s.schedule.cron for s in before["evaluate-version/evaluate"].schedules] == ["0 2 * * *"]
-    if "feedback-check/feedback-check" in before:
-        assert [s.schedule.interval.total_seconds() for s in before["feedback-check/feedback-check"].schedules] \
-            == [60]
+    assert [s.schedule.interval.total_seconds() for s in before["feedback-check/feedback-check"].schedules] == [60]
 
     ui = load_settings()
     record = json.loads(deploy.record_path(ui).read_text())
     assert (record["preset"], record["overrides"]) == ("tiny", OVERRIDES)
     with get_client(sync_client=True) as client:
-        for name in expected_names():
+        for name in EVERY:
             d = client.read_deployment_by_name(name)
             expected = {} if name == "phase-serve/serve" else {"preset": "tiny", "overrides": OVERRIDES}
             if name in MODEL_PARAMETER:
