@@ -45,11 +45,13 @@ RATINGS = [str(r) for r in range(st.RATING_RANGE[0], st.RATING_RANGE[1] + 1)]
 # Keys the page itself makes are "<annotator>/<key>": nobody can take, or collide with, another's keys.
 MAX_CLIENT_KEY = st.MAX_KEY - st.MAX_NAME - 1
 DB_DOWN = "The labels database is not answering, so nothing was saved. Try again in a moment."
+DB_DOWN_READING = "The labels database is not answering. Try again in a moment."
 CONCURRENCY = 16  # events handled at once: store calls are short, and Gradio's default of 1 queues everyone
 
 CSS = """
 .conversation, .response { white-space: pre-wrap; overflow-wrap: anywhere; font-size: 1rem; line-height: 1.5; }
-.turn { margin: 0 0 .6rem 0; padding: .5rem .75rem; border-radius: .5rem; background: var(--background-fill-secondary); }
+.turn { margin: 0 0 .6rem 0; padding: .5rem .75rem; border-radius: .5rem;
+        background: var(--background-fill-secondary); }
 .turn .role { font-size: .75rem; font-weight: 600; text-transform: uppercase; opacity: .7; }
 .turn-assistant { margin-left: 2rem; }
 .response { padding: .75rem; border: 1px solid var(--border-color-primary); border-radius: .5rem; min-height: 4rem; }
@@ -108,14 +110,19 @@ def _status(message: str, error: bool = False) -> str:
     return f"<div class='{'error' if error else 'ok'}'>{_text(message)}</div>"
 
 
-def _refusal(err: Exception) -> str:
-    """What the annotator reads when the store refuses or cannot be reached."""
+def _refusal(err: Exception, writing: bool = True) -> str:
+    """What the annotator reads when the store refuses or cannot be reached (`writing`: while saving)."""
     if isinstance(err, st.UnknownAnnotator):
         return "Your login is no longer active; ask an admin."
     if isinstance(err, st.StoreError):
         return str(err)
     log.warning("labels database: %s", " ".join(str(getattr(err, "orig", None) or err).split()))
-    return DB_DOWN
+    return DB_DOWN if writing else DB_DOWN_READING
+
+
+def _refused(message: str) -> gr.Error:
+    # A refusal is an answer, not a server fault: no traceback in the page's log (DB trouble is logged above).
+    return gr.Error(message, print_exception=False)
 
 
 def _item_id(value: Any) -> int:
@@ -166,7 +173,15 @@ def build_app(store: st.Store, *, export: Callable[[], str] | None = None, lease
 
     def unchanged(message: str) -> tuple:
         # A refused submit keeps the form as it is (the rationale typed is not lost) and says why.
-        return (_status(message, error=True), *[gr.skip()] * 12)
+        return (_status(message, error=True), *[gr.skip()] * (len(form) - 1))
+
+    def then_next(name: str, done: str) -> tuple:
+        """After a committed change: the next item, or, if it cannot be loaded, what was done and why not.
+        A resubmit of the form left on screen is harmless: it carries the same idempotency key."""
+        try:
+            return shown(name, done)
+        except (st.StoreError, SQLAlchemyError) as err:
+            return unchanged(f"{done} {_refusal(err, writing=False)}")
 
     def on_load(request: gr.Request):
         name = user(request)
@@ -174,7 +189,7 @@ def build_app(store: st.Store, *, export: Callable[[], str] | None = None, lease
             out = shown(name, f"Logged in as {name}.")
             is_admin = st.is_admin(store, name)
         except (st.StoreError, SQLAlchemyError) as err:
-            return (*unchanged(_refusal(err)), gr.Tab(visible=False))
+            return (*unchanged(_refusal(err, writing=False)), gr.Tab(visible=False))
         return (*out, gr.Tab(visible=is_admin))
 
     def on_submit(item, key, choice, rating_a, rating_b, category, flags, rationale, request: gr.Request):
@@ -187,32 +202,32 @@ def build_app(store: st.Store, *, export: Callable[[], str] | None = None, lease
             label_id = st.submit_label(store, name, _item_id(item), choice, idempotency_key=f"{name}/{key}",
                                        ratings={"A": _rating(rating_a, "A"), "B": _rating(rating_b, "B")},
                                        category=category or None, flags=flags or (), rationale=rationale or "")
-            return shown(name, f"Saved label #{label_id}.")
         except (st.StoreError, SQLAlchemyError) as err:
             return unchanged(_refusal(err))
+        return then_next(name, f"Saved label #{label_id}.")  # acknowledged only now, after the commit
 
     def on_skip(item, request: gr.Request):
         name = user(request)
         try:
             if item:
                 st.skip_item(store, name, _item_id(item))
-            return shown(name, "Skipped; that item goes to someone else.")
         except (st.StoreError, SQLAlchemyError) as err:
             return unchanged(_refusal(err))
+        return then_next(name, "Skipped; that item goes to someone else.")
 
     def on_undo(request: gr.Request):
         name = user(request)
         try:
             undone = st.undo_last(store, name, lease_s=lease_s)
-            return shown(name, "Nothing to undo." if undone is None else
-                         f"Removed your last label; item {undone} is shown again.")
         except (st.StoreError, SQLAlchemyError) as err:
             return unchanged(_refusal(err))
+        return then_next(name, "Nothing to undo." if undone is None else
+                         f"Removed your last label; item {undone} is shown again.")
 
     def admin_only(request: gr.Request) -> str:
         name = user(request)
         if not st.is_admin(store, name):
-            raise gr.Error("The admin tab is for admins only.")
+            raise _refused("The admin tab is for admins only.")
         return name
 
     def admin_stats(request: gr.Request) -> str:
@@ -221,28 +236,28 @@ def build_app(store: st.Store, *, export: Callable[[], str] | None = None, lease
             admin_only(request)
             return admin.report_markdown(store, overlap)
         except SQLAlchemyError as err:
-            raise gr.Error(_refusal(err)) from None
+            raise _refused(_refusal(err, writing=False)) from None
 
     def admin_export(request: gr.Request) -> str:
         """Run the labels export; its markdown summary. Admins only."""
         try:
             admin_only(request)
         except SQLAlchemyError as err:
-            raise gr.Error(_refusal(err)) from None
+            raise _refused(_refusal(err, writing=False)) from None
         if export is None:
-            raise gr.Error("Export is not configured on this page.")
+            raise _refused("Export is not configured on this page.")
         try:
             return export()
         except Exception as err:  # whatever the export hits (no labels, DVC, MLflow), the admin reads it
             log.exception("export failed")
-            raise gr.Error(f"Export failed: {' '.join(str(err).split())[:500]}") from None
+            raise _refused(f"Export failed: {' '.join(str(err).split())[:500]}") from None
 
     def next_pair(request: gr.Request) -> dict:
-        """The logged-in annotator's item: {item_id, prompt, response_a, response_b}; item_id "" when nothing is left."""
+        """The logged-in annotator's item: {item_id, prompt, response_a, response_b}; item_id "" when none is left."""
         try:
             pair = st.next_item(store, user(request), lease_s=lease_s, overlap=overlap)
         except (st.StoreError, SQLAlchemyError) as err:
-            raise gr.Error(_refusal(err)) from None
+            raise _refused(_refusal(err, writing=False)) from None
         if pair is None:
             return {"item_id": "", "prompt": "", "response_a": "", "response_b": ""}
         return {"item_id": str(pair.item_id), "prompt": pair.prompt, "response_a": pair.response_a,
@@ -265,7 +280,7 @@ def build_app(store: st.Store, *, export: Callable[[], str] | None = None, lease
                                    ratings={"A": _rating(rating_a, "A"), "B": _rating(rating_b, "B")},
                                    category=category or None, flags=flags or (), rationale=rationale or "")
         except (st.StoreError, SQLAlchemyError) as err:
-            raise gr.Error(_refusal(err)) from None
+            raise _refused(_refusal(err)) from None
 
     def undo_last(request: gr.Request) -> str:
         """Remove the logged-in annotator's most recent label (never anyone else's) and hand its item back to
@@ -273,7 +288,7 @@ def build_app(store: st.Store, *, export: Callable[[], str] | None = None, lease
         try:
             undone = st.undo_last(store, user(request), lease_s=lease_s)
         except (st.StoreError, SQLAlchemyError) as err:
-            raise gr.Error(_refusal(err)) from None
+            raise _refused(_refusal(err)) from None
         return "" if undone is None else str(undone)
 
     with gr.Blocks(title="Flywheel · compare answers") as blocks:

@@ -114,7 +114,8 @@ def test_annotator_reads_guidelines_labels_with_mouse_and_keyboard_and_undoes(la
 
     # "u" undoes the last label: it leaves the store and its item is shown again.
     page.keyboard.press("u")
-    expect(page.locator("#status")).to_contain_text(f"Removed your last label; item {labels[1].item_id} is shown again.")
+    undone = labels[1].item_id
+    expect(page.locator("#status")).to_contain_text(f"Removed your last label; item {undone} is shown again.")
     expect(page.locator("#prompt")).to_contain_text(second)
     assert [x.id for x in st.labels_of(labels_store, "ana")] == [label.id]
     expect(page.locator("#progress")).to_contain_text("1 labelled by you · 2 left in the queue")

@@ -14,7 +14,7 @@ from gradio_client.exceptions import AppError, AuthenticationError
 
 from flows import cli
 from infra import services
-from ui import admin, page
+from ui import admin
 from ui import store as st
 
 
