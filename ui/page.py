@@ -371,9 +371,7 @@ def web_app(store: st.Store, **kwargs: Any) -> FastAPI:
     return gr.mount_gradio_app(
         app, build_app(store, **kwargs), path="/", auth=login,
         auth_message="Log in with the name and password an admin gave you (flywheel annotators add NAME).",
-        ssr_mode=False, footer_links=["api", "settings"], css=CSS, head=HOTKEYS, server_name=HOST,
-        # System fonts: the default theme would fetch its fonts from the internet on every page load.
-        theme=gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]))
+        ssr_mode=False, footer_links=["api", "settings"], css=CSS, head=HOTKEYS, server_name=HOST)
 
 
 def launch(port: int, store: st.Store | None = None, **kwargs: Any) -> None:

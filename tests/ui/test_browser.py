@@ -37,6 +37,9 @@ def open_page(browser):
         page = context.new_page()
         page.dialogs = []  # an alert() from an injected script would land here
         page.on("dialog", lambda d: (page.dialogs.append(d.message), d.dismiss()))
+        page.outside = []  # requests that leave loopback (fonts, analytics): none, the page works offline
+        page.on("request", lambda r: None if r.url.startswith(("http://127.0.0.1", "data:", "blob:"))
+                else page.outside.append(r.url))
         page.goto(url)
         page.locator("input[type=text]").fill(name)
         page.locator("input[type=password]").fill(f"pw-{name}")
@@ -122,6 +125,7 @@ def test_annotator_reads_guidelines_labels_with_mouse_and_keyboard_and_undoes(la
     page.keyboard.press("k")  # skip it: it goes to someone else
     expect(page.locator("#status")).to_contain_text("Skipped")
     assert _prompt(page) not in (first, second)
+    assert page.outside == []
 
 
 def test_second_annotator_does_not_see_the_first_ones_labels_and_only_admins_see_the_admin_tab(
