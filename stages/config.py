@@ -79,7 +79,10 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if "=" not in pair:
             raise ConfigError(f"override {pair!r} is not of the form key=value")
         key, raw = pair.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw  # not YAML (a cron line such as `*/30 * * * *` starts like an alias): the text itself
         # YAML 1.1 reads 3e-4 as a string; numbers people type should be numbers ("nan" stays text).
         if isinstance(value, str) and NUMBER.fullmatch(value.strip()):
             value = float(value)

@@ -355,6 +355,8 @@ def test_parse_overrides_nests_keys_and_parses_numbers() -> None:
     assert isinstance(got["train"]["lr"], float) and isinstance(got["train"]["max_steps"], int)
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["train.lr"])
+    # Text that is not YAML stays text: a cron line starts like a YAML alias.
+    assert parse_overrides(["schedule.retrain_cron=*/30 * * * *"]) == {"schedule": {"retrain_cron": "*/30 * * * *"}}
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
