@@ -2,7 +2,8 @@
 
     flywheel run [--preset tiny] [section.key=value ...]     the whole lifecycle (services started if needed)
     flywheel stage NAME [--preset tiny] [key=value ...]      one stage, no orchestration, no services
-    flywheel services up|status|down                         the embedded Prefect, MLflow (and serving) servers
+    flywheel services up|status|down                         the embedded Prefect and MLflow servers and the worker
+                                                             (status/down: also the annotation page and serving)
     flywheel serve [--name flywheel-chat]                    serve the champion (vLLM), following its alias
     flywheel evaluate [--version champion] [evaluate.k=v]    evaluate any version or alias on any tasks
     flywheel compare --judge-url URL --judge-model M [--prompts F]  challenger vs champion by a judge; ratings
@@ -85,14 +86,14 @@ def cmd_services(args: argparse.Namespace) -> int:
     from infra import services
 
     if args.action == "up":
-        urls = services.up()
-        print(f"Prefect UI:  {urls['prefect_ui']}\nMLflow UI:   {urls['mlflow_ui']}")
+        urls = services.up(worker=True)  # the worker runs deployments: the Prefect UI's Run button works
+        print(f"Prefect UI:  {urls['prefect_ui']}\nMLflow UI:   {urls['mlflow_ui']}\nWorker:      {urls['worker']}/health")
         print(f"export PREFECT_API_URL={urls['prefect']} MLFLOW_TRACKING_URI={urls['mlflow']}")
     elif args.action == "status":
         for name, st in services.status().items():
             state = "external" if st.get("external") else ("healthy" if st.get("healthy") else
                                                            "running, unhealthy" if st.get("alive") else "stopped")
-            print(f"{name:8s} {state:18s} {st.get('url') or '-'}  pid={st.get('pid') or '-'}")
+            print(f"{name:10s} {state:18s} {st.get('url') or '-'}  pid={st.get('pid') or '-'}")
     else:
         stopped = services.down()
         print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
@@ -240,11 +241,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     if summary.get("serving"):
         print(f"Serving:     v{summary['serving']['version']}, following the champion alias")
         print(openai_example(summary["serving"]["base_url"], name))
+    _after_run(args, cfg, name, summary)
     print(f"Prefect UI:  {urls['prefect_ui']}")
     print(f"MLflow UI:   {urls['mlflow_ui']}")
     print(f"Run outputs: {summary['run_dir']}\nLog:         {log_file}")
     print("Servers stay up for browsing; stop them with `flywheel services down` (or `make services-down`).")
     return 0
+
+
+def _after_run(args: argparse.Namespace, cfg, name: str, summary: dict) -> None:
+    """What turns one run into a flywheel: deployments and schedules, a filled queue, the annotation page."""
+    from flows.deploy import DeployRecord, deploy
+    from infra import services
+
+    _, deployed = deploy(DeployRecord(preset=args.preset, overrides=list(args.overrides)))
+    schedule, feedback = cfg.build("schedule"), cfg.build("feedback")
+    when = (f"retraining on cron '{schedule.retrain_cron}', the champion's evaluation on '{schedule.evaluate_cron}'"
+            if schedule.enabled else "schedules off (schedule.enabled=false)")
+    print(f"Deployments: {len(deployed)} in the Prefect UI (Deployments > Run); {when}")
+    if not cfg.build("queue").after_run or summary["champion"] is None:
+        return
+    from flows.queue import queue_fill_flow
+
+    queued = queue_fill_flow(name=name, preset=args.preset, overrides=args.overrides)
+    page = services.up_annotation()
+    print(f"Annotation:  {page}  ({queued['queued']} answer pairs queued: v{queued['champion']} vs "
+          + (f"v{queued['challenger']})" if queued["challenger"] else "a second sample of itself)"))
+    print("  add people: FLYWHEEL_ANNOTATOR_PASSWORD=... .venv/bin/flywheel annotators add NAME [--admin]")
+    print(f"  after {feedback.min_new_labels} new labels the feedback round (DPO from the champion -> gate -> "
+          f"serve) starts by itself (checked every {feedback.check_every_s} s), or: .venv/bin/flywheel feedback")
 
 
 def cmd_stage(args: argparse.Namespace) -> int:

@@ -76,6 +76,7 @@ class QueueConfig:
     max_new_tokens: int = 64
     temperature: float = 0.8  # sampling: two answers of one model differ when there is no other version yet
     seed: int = 0
+    after_run: bool = True  # `flywheel run` ends with the queue filled and the annotation page up
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.overlap < 1 or not 0.0 <= self.overlap_share <= 1.0:

@@ -56,11 +56,12 @@ class RegistryChampion:
 
 
 def check_port_free(port: int) -> None:
+    host = load_settings().bind_host
     with socket.socket() as sock:
         try:
-            sock.bind((services.HOST, port))
+            sock.bind((host, port))
         except OSError as err:
-            raise OSError(f"port {port} on {services.HOST} is in use ({err.strerror}): pick another with --port") from None
+            raise OSError(f"port {port} on {host} is in use ({err.strerror}): pick another with --port") from None
 
 
 def run_router(port: int, name: str, cfg: ServingConfig | None = None) -> None:
@@ -76,8 +77,9 @@ def run_router(port: int, name: str, cfg: ServingConfig | None = None) -> None:
     home = load_settings().home / "serving"
     router = Router(RegistryChampion(uri, name, home / "models"), served_name=name, cfg=cfg, state_dir=home,
                     free_port=services.free_port)
-    log.info("serving %s@champion on http://%s:%s/v1 (registry %s)", name, services.HOST, port, uri)
-    uvicorn.run(router.app, host=services.HOST, port=port, log_level="warning", timeout_graceful_shutdown=30)
+    host = load_settings().bind_host
+    log.info("serving %s@champion on http://%s:%s/v1 (registry %s)", name, host, port, uri)
+    uvicorn.run(router.app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
 
 
 def served_version(base_url: str) -> str | None:

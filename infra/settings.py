@@ -3,7 +3,7 @@
 Scale-out is a matter of settings: `PREFECT_API_URL`, `MLFLOW_TRACKING_URI`, `RAY_ADDRESS` point at
 real servers/clusters; `FLYWHEEL_HOME` moves the state root; `FLYWHEEL_DVC_REMOTE` names a DVC
 remote URL (default: a directory under the state root); `SERVING_URL` is the OpenAI base URL of
-serving that runs elsewhere.
+serving that runs elsewhere; `FLYWHEEL_BIND_HOST` is the address the page and the router listen on.
 """
 
 from __future__ import annotations
@@ -70,6 +70,12 @@ class Settings:
     def serving_url(self) -> str | None:
         """The OpenAI base URL of serving that runs elsewhere (then nothing is started here)."""
         return os.environ.get("SERVING_URL") or None
+
+    @property
+    def bind_host(self) -> str:
+        """Where the annotation page and the serving router listen: loopback unless a container or a
+        shared host needs them reachable from outside (`FLYWHEEL_BIND_HOST=0.0.0.0`)."""
+        return os.environ.get("FLYWHEEL_BIND_HOST") or "127.0.0.1"
 
     @property
     def ray_address(self) -> str | None:

@@ -33,12 +33,13 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from infra.settings import load_settings
 from ui import admin
 from ui import store as st
 
 log = logging.getLogger(__name__)
 
-HOST = "127.0.0.1"
+HOST = "127.0.0.1"  # where local clients reach the page; it listens on FLYWHEEL_BIND_HOST (loopback by default)
 GUIDELINES = Path(__file__).with_name("guidelines.md")
 CHOICE_LABELS = [("A is better", "A"), ("B is better", "B"), ("Tie", "tie"), ("Both bad", "both_bad")]
 RATINGS = [str(r) for r in range(st.RATING_RANGE[0], st.RATING_RANGE[1] + 1)]
@@ -371,7 +372,7 @@ def web_app(store: st.Store, **kwargs: Any) -> FastAPI:
     return gr.mount_gradio_app(
         app, build_app(store, **kwargs), path="/", auth=login,
         auth_message="Log in with the name and password an admin gave you (flywheel annotators add NAME).",
-        ssr_mode=False, footer_links=["api", "settings"], css=CSS, head=HOTKEYS, server_name=HOST)
+        ssr_mode=False, footer_links=["api", "settings"], css=CSS, head=HOTKEYS, server_name=load_settings().bind_host)
 
 
 def launch(port: int, store: st.Store | None = None, **kwargs: Any) -> None:
@@ -380,5 +381,6 @@ def launch(port: int, store: st.Store | None = None, **kwargs: Any) -> None:
     import uvicorn
 
     store = store or st.open_store()
-    log.info("annotation page on http://%s:%s (labels: %s)", HOST, port, store.engine.url.render_as_string())
-    uvicorn.run(web_app(store, **kwargs), host=HOST, port=port, log_level="warning", timeout_graceful_shutdown=10)
+    host = load_settings().bind_host
+    log.info("annotation page on http://%s:%s (labels: %s)", host, port, store.engine.url.render_as_string())
+    uvicorn.run(web_app(store, **kwargs), host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)

@@ -42,6 +42,7 @@ FAST = [
     "evaluate.arithmetic_problems=10", "evaluate.perplexity_windows=16",
     "promote.gates.eval/heldout/nll.higher_is_better=false", "promote.gates.eval/heldout/nll.margin=0",
     "promote.gates.eval/arithmetic/accuracy.floor=0", "serve.enabled=false",
+    "schedule.enabled=false", "queue.after_run=false",
 ]
 
 
