@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import socket
 import sys
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -37,22 +36,14 @@ def _fail(message: str) -> int:
     return 1
 
 
-def _port_is_free(port: int) -> bool:
-    # uvicorn exits the whole process when it cannot bind: ask first, to fail with one clear line.
-    with socket.socket() as sock:
-        try:
-            sock.bind((services.HOST, port))
-        except OSError:
-            return False
-    return True
-
-
 def run_foreground(port: int) -> int:
     from ui import page
     from ui import store as labels
 
-    if not _port_is_free(port):
-        return _fail(f"port {port} on {services.HOST} is in use: pick another with --port")
+    try:
+        services.check_port_free(port)
+    except OSError as err:
+        return _fail(str(err))
     try:
         store = labels.open_store()
     except SQLAlchemyError as err:

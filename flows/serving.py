@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -55,20 +54,11 @@ class RegistryChampion:
         return final
 
 
-def check_port_free(port: int) -> None:
-    host = load_settings().bind_host
-    with socket.socket() as sock:
-        try:
-            sock.bind((host, port))
-        except OSError as err:
-            raise OSError(f"port {port} on {host} is in use ({err.strerror}): pick another with --port") from None
-
-
 def run_router(port: int, name: str, cfg: ServingConfig | None = None) -> None:
     """The serving process: a router on `port` that serves `name`@champion until SIGTERM."""
     import uvicorn
 
-    check_port_free(port)
+    services.check_port_free(port)
     cfg = cfg or ServingConfig()
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:

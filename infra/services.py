@@ -299,6 +299,16 @@ def _wait_healthy(launch: _Launch, timeout: float) -> None:
     )
 
 
+def check_port_free(port: int) -> None:
+    """Raise OSError naming the port if something listens there: uvicorn would exit the process instead."""
+    host = load_settings().bind_host
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise OSError(f"port {port} on {host} is in use ({err.strerror}): pick another with --port") from None
+
+
 def free_port(taken: set[int] = frozenset()) -> int:
     """A loopback port nobody listens on (and not one we just handed to another server)."""
     while True:

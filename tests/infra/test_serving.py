@@ -52,10 +52,8 @@ def test_port_in_use_is_named(tmp_path):
         sock.bind((services.HOST, 0))
         sock.listen()
         port = sock.getsockname()[1]
-        from flows.serving import check_port_free
-
         with pytest.raises(OSError, match=f"port {port} on {services.HOST} is in use"):
-            check_port_free(port)
+            services.check_port_free(port)
 
 
 def test_serve_without_a_champion_says_so(services, capsys):
