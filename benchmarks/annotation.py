@@ -1,15 +1,18 @@
 """Annotation page under load: submit latency and labels/s with 1, 10 and 50 concurrent annotators.
 
-    .venv/bin/python benchmarks/annotation.py                       # SQLite and PostgreSQL, 1 10 50 annotators
-    .venv/bin/python benchmarks/annotation.py --concurrency 1 10 50 --labels 10 --backends sqlite postgresql
+    .venv/bin/python benchmarks/annotation.py --think-s 0 5          # SQLite and PostgreSQL, 1 10 50 annotators
+    .venv/bin/python benchmarks/annotation.py --concurrency 50 --labels 10 --clients http gradio_client
 
-Each annotator is a `gradio_client.Client` logged in to the real page (`ui.page.launch` in its own
-process on 127.0.0.1) and loops over its work the way a script would: `/next_pair`, then
-`/submit_label`. Reported per backend and concurrency: submit latency p50/p95 (one call, from the
-client's side: Gradio's queue, the store's transaction and the HTTP round trip; target p95 < 200 ms
-at 50), next_pair p50/p95, and labels/s over the whole labelling phase. Logins and each annotator's
-first call happen before the clock starts. Both databases keep their durability defaults: SQLite WAL with synchronous=FULL, and
-PostgreSQL (a throw-away server from infra/postgres.py with fsync on).
+The real page (`ui.page.launch` in its own process on 127.0.0.1); each annotator logs in and loops the
+way a script would: `/next_pair`, then `/submit_label`, back to back (`--think-s 0`: the page
+saturated) or after a pause like a person reading two answers (`--think-s 5`). Annotators call
+Gradio's HTTP API directly by default (`--clients http`; `gradio_client` itself costs ~55 ms of CPU
+per call here, see `Annotator`). Reported per backend, concurrency and pause: submit latency p50/p95
+(one call, from the client's side: Gradio's queue, the store's transaction, the HTTP round trip;
+target p95 < 200 ms at 50), next_pair p50/p95, labels/s over the labelling phase, and annotators
+refused by the page. Logins and each annotator's first call happen before the clock starts. Both
+databases keep their durability defaults: SQLite WAL (synchronous FULL) and PostgreSQL (a throw-away
+server from infra/postgres.py, fsync on).
 
 The page process and the annotator client (retries with the same idempotency key after a failure)
 are also what tests/ui/test_load.py drives through a restart of the page.
@@ -22,6 +25,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -45,7 +49,9 @@ RECOVERY_TIMEOUT_S = 120.0  # how long an annotator keeps retrying one call whil
 
 
 def percentile(xs: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    """Nearest-rank percentile (q in 0..100); NaN for no samples."""
+    if not xs:
+        return float("nan")
     ordered = sorted(xs)
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
@@ -203,9 +209,16 @@ class Tally:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def label_until_done(who: Annotator, tally: Tally, limit: int, choices: tuple[str, ...] = ("A", "B", "tie")) -> None:
-    """Label up to `limit` items (fewer if the queue runs dry), recording acknowledgements and latencies."""
+def label_until_done(who: Annotator, tally: Tally, limit: int, think_s: float = 0.0,
+                     choices: tuple[str, ...] = ("A", "B", "tie")) -> None:
+    """Label up to `limit` items (fewer if the queue runs dry), recording acknowledgements and latencies.
+
+    `think_s`: mean pause before each label (uniform in 0.5-1.5x): a person reading two answers.
+    """
+    rng = random.Random(who.name)
     for n in range(limit):
+        if think_s:
+            time.sleep(think_s * rng.uniform(0.5, 1.5))
         t0 = time.perf_counter()
         pair = who.next_pair()
         t1 = time.perf_counter()
@@ -220,7 +233,7 @@ def label_until_done(who: Annotator, tally: Tally, limit: int, choices: tuple[st
             tally.submit_s.append(t2 - t1)
 
 
-def run_annotators(annotators: list[Annotator], limit: int, tally: Tally) -> float:
+def run_annotators(annotators: list[Annotator], limit: int, tally: Tally, think_s: float = 0.0) -> float:
     """Everyone at once, one thread each; returns the wall time of the labelling phase (logins excluded)."""
     for who in annotators:
         # Before the clock starts: the login, and a first call (it leases the item the annotator then
@@ -232,7 +245,7 @@ def run_annotators(annotators: list[Annotator], limit: int, tally: Tally) -> flo
     def work(who: Annotator) -> None:
         start.wait()
         try:
-            label_until_done(who, tally, limit)
+            label_until_done(who, tally, limit, think_s)
         except BaseException as err:  # noqa: BLE001 (reported by the caller)
             with tally.lock:
                 tally.failures.append(f"{who.name}: {type(err).__name__}: {err}")
@@ -270,8 +283,8 @@ def seed_store(labels_db: str, n_annotators: int, n_items: int) -> list[tuple[st
 
 
 def measure(backend: str, labels_db: Callable[[str], str], concurrency: int, labels_each: int, transport: str,
-            log_dir: Path) -> dict:
-    run = f"{backend}_{concurrency}_{transport}"
+            think_s: float, log_dir: Path) -> dict:
+    run = f"{backend}_{concurrency}_{transport}_{int(think_s * 1000)}"
     db = labels_db(f"bench_{run}")
     people = seed_store(db, concurrency, concurrency * labels_each)
     page = PageProcess(db, log_dir / f"page-{run}.log")
@@ -279,22 +292,22 @@ def measure(backend: str, labels_db: Callable[[str], str], concurrency: int, lab
     try:
         annotators = [Annotator(page.url, name, password, transport) for name, password in people]
         tally = Tally()
-        seconds = run_annotators(annotators, labels_each, tally)
+        seconds = run_annotators(annotators, labels_each, tally, think_s)
     finally:
         page.stop()
-    if tally.failures:
-        raise RuntimeError(f"{backend} x{concurrency}: {tally.failures[:3]}")
     n = len(tally.acknowledged)
-    row = {"backend": backend, "concurrency": concurrency, "client": transport, "labels": n, "seconds": round(seconds, 3),
+    row = {"backend": backend, "concurrency": concurrency, "client": transport, "think_s": think_s, "labels": n, "seconds": round(seconds, 3),
            "labels_per_s": round(n / seconds, 2),
            "submit_p50_ms": round(1000 * percentile(tally.submit_s, 50), 1),
            "submit_p95_ms": round(1000 * percentile(tally.submit_s, 95), 1),
            "next_pair_p50_ms": round(1000 * percentile(tally.next_s, 50), 1),
            "next_pair_p95_ms": round(1000 * percentile(tally.next_s, 95), 1),
-           "retries": sum(a.retries for a in annotators)}
-    print(f"{backend:10s} x{concurrency:<3d} {transport:13s} {row['labels_per_s']:7.1f} labels/s   submit p50 {row['submit_p50_ms']:6.1f} ms"
+           "retries": sum(a.retries for a in annotators),
+           # An annotator stops at its first refusal (e.g. "the labels database is not answering").
+           "failed_annotators": len(tally.failures), "first_failure": tally.failures[0] if tally.failures else None}
+    print(f"{backend:10s} x{concurrency:<3d} {transport:13s} think {think_s:3.1f} s {row['labels_per_s']:7.1f} labels/s   submit p50 {row['submit_p50_ms']:6.1f} ms"
           f"  p95 {row['submit_p95_ms']:6.1f} ms   next_pair p50 {row['next_pair_p50_ms']:6.1f} ms"
-          f"  p95 {row['next_pair_p95_ms']:6.1f} ms", flush=True)
+          f"  p95 {row['next_pair_p95_ms']:6.1f} ms   failed annotators {len(tally.failures)}", flush=True)
     return row
 
 
@@ -306,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 10, 50])
     p.add_argument("--labels", type=int, default=10, help="labels per annotator")
     p.add_argument("--backends", nargs="+", default=["sqlite", "postgresql"], choices=["sqlite", "postgresql"])
+    p.add_argument("--think-s", type=float, nargs="+", default=[0.0],
+                   help="mean pause before each label; 0: every annotator calls back to back (saturation)")
     p.add_argument("--clients", nargs="+", default=["http"], choices=["http", "gradio_client"],
                    help="how annotators call the page (see Annotator)")
     args = p.parse_args(argv)
@@ -322,16 +337,18 @@ def main(argv: list[str] | None = None) -> int:
                     server = server or postgres.start(root / "postgres", durable=True)
                     labels_db = server.new_database
                 for transport in args.clients:
-                    for c in args.concurrency:
-                        rows.append(measure(backend, labels_db, c, args.labels, transport, root))
+                    for think_s in args.think_s:
+                        for c in args.concurrency:
+                            rows.append(measure(backend, labels_db, c, args.labels, transport, think_s, root))
         finally:
             if server is not None:
                 server.stop()
     write_results("annotation", {"machine": machine(), "args": vars(args), "runs": rows})
-    print(markdown_table(["backend", "client", "annotators", "labels/s", "submit p50 ms", "submit p95 ms", "next_pair p50 ms",
-                          "next_pair p95 ms"],
-                         [[r["backend"], r["client"], r["concurrency"], r["labels_per_s"], r["submit_p50_ms"], r["submit_p95_ms"],
-                           r["next_pair_p50_ms"], r["next_pair_p95_ms"]] for r in rows]))
+    print(markdown_table(["backend", "client", "think s", "annotators", "labels/s", "submit p50 ms", "submit p95 ms",
+                          "next_pair p50 ms", "next_pair p95 ms", "failed annotators"],
+                         [[r["backend"], r["client"], r["think_s"], r["concurrency"], r["labels_per_s"], r["submit_p50_ms"],
+                           r["submit_p95_ms"], r["next_pair_p50_ms"], r["next_pair_p95_ms"], r["failed_annotators"]]
+                          for r in rows]))
     return 0
 
 

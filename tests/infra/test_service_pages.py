@@ -1,7 +1,8 @@
 """The service pages the platform prints, opened in a real headless Chromium against the real servers.
 
-`make run` prints the Prefect and MLflow UI addresses; each page must load in a browser, reach its own
-server, and show live content: the flow run we just made, the model version we just registered. A
+`make run` prints the Prefect and MLflow UI addresses, `flywheel annotate` the annotation page's; each
+page must load in a browser, reach its own server, and show live content: the flow run we just made,
+the model version we just registered, the item waiting for the annotator who logs in. A
 screenshot of each page is kept under `test-artifacts/service-pages/` (look at it when a test fails).
 
 The browser is Debian's chromium driven by Playwright (browsers cannot be downloaded here).
@@ -15,9 +16,11 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from infra import services as infra_services
 from infra.settings import REPO_ROOT
 from registry import models
 from tests.conftest import tiny_pretrained_checkpoints
+from ui import store as st
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -123,3 +126,33 @@ def test_mlflow_ui_lists_the_registered_model_and_its_version(services, register
     page.get_by_text(f"Version {registered_version}").first.wait_for()
     _screenshot(page, "mlflow-model")
     assert "challenger" in page.inner_text("body")  # the alias register_checkpoint set
+
+
+@pytest.fixture
+def annotation_url(services, tmp_path, monkeypatch):
+    """The page `flywheel annotate` starts in the background (a service like the others), on a labels
+    database of this test's own with one annotator and one item waiting."""
+    monkeypatch.delenv("FLYWHEEL_ANNOTATION_URL", raising=False)
+    monkeypatch.setenv("FLYWHEEL_LABELS_DB", f"sqlite:///{tmp_path / 'labels.db'}")
+    store = st.open_store()
+    st.add_annotator(store, "ana", "pw-ana")
+    st.add_items(store, [{"prompt": "Which planet is known as the red planet?", "response_a": "Mars.",
+                          "response_b": "Venus.", "source": "service-pages"}])
+    store.engine.dispose()
+    url = infra_services.up_annotation()
+    yield url
+    infra_services.down(names=("annotation",))
+
+
+def test_annotation_page_logs_in_and_shows_the_waiting_item(annotation_url, page):
+    page.goto(annotation_url)
+    page.locator("input[type=password]").wait_for()
+    page.locator("input[type=text]").fill("ana")
+    page.locator("input[type=password]").fill("pw-ana")
+    page.get_by_role("button", name="Login").click()
+    try:
+        page.get_by_text("Which planet is known as the red planet?").first.wait_for()
+    finally:
+        _screenshot(page, "annotation-page")
+    body = page.inner_text("body")
+    assert "Mars." in body and "Venus." in body
