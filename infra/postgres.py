@@ -7,8 +7,8 @@
     url = server.new_database("labels")     # postgresql+psycopg://postgres:...@127.0.0.1:PORT/labels
     server.stop()                           # fast shutdown of that PID
 
-The binaries are the newest `/usr/lib/postgresql/<version>/bin` (Debian's `postgresql` package),
-`FLYWHEEL_POSTGRES_BIN` if set, else `initdb` on PATH. initdb and postgres refuse to run as root:
+The binaries: `FLYWHEEL_POSTGRES_BIN` if set, else the newest `/usr/lib/postgresql/<version>/bin`
+(Debian's `postgresql` package), else `initdb` on PATH. initdb and postgres refuse to run as root:
 as root the server runs as the `postgres` system user (the Debian package creates it), with its data
 directory owned by that user. It listens on 127.0.0.1 only, with no Unix socket (socket paths are
 limited to 107 bytes and Debian's default socket directory belongs to the system cluster), and a
@@ -50,7 +50,8 @@ class PostgresUnavailable(RuntimeError):
 def find_bin_dir() -> Path | None:
     """Where initdb and postgres live, or None when PostgreSQL is not installed."""
     if os.environ.get("FLYWHEEL_POSTGRES_BIN"):
-        return Path(os.environ["FLYWHEEL_POSTGRES_BIN"])
+        chosen = Path(os.environ["FLYWHEEL_POSTGRES_BIN"])
+        return chosen if (chosen / "initdb").exists() else None
 
     def version(p: Path) -> tuple[int, ...]:
         return tuple(int(x) for x in re.findall(r"\d+", p.parent.name)) or (0,)
@@ -118,8 +119,8 @@ def start(directory: Path | str, *, durable: bool = False, timeout: float = STAR
     bin_dir = find_bin_dir()
     if bin_dir is None:
         raise PostgresUnavailable(
-            f"PostgreSQL is not installed: no {DEBIAN_ROOT}/<version>/bin/initdb and no initdb on PATH "
-            "(Debian: apt-get install postgresql; or set FLYWHEEL_POSTGRES_BIN)")
+            f"PostgreSQL is not installed: no initdb in $FLYWHEEL_POSTGRES_BIN, {DEBIAN_ROOT}/<version>/bin or on "
+            "PATH (Debian: apt-get install postgresql, or `make test-deps`)")
     directory = Path(directory).resolve()
     directory.mkdir(parents=True, exist_ok=True)
     user = _server_user()
