@@ -54,6 +54,8 @@ bench: install serving-env
 	$(BIN)/python benchmarks/lifecycle.py --preset $(PRESET)
 	$(BIN)/python benchmarks/serving.py --checkpoint .flywheel/champion/flywheel-chat/hf_model --switches 2
 	$(BIN)/python benchmarks/evaluation.py --checkpoint .flywheel/champion/flywheel-chat/hf_model --dataset data/clean
+	$(BIN)/python benchmarks/annotation.py --think-s 0 5
+	$(BIN)/python benchmarks/feedback_loop.py
 
 clean:
 	-$(BIN)/flywheel services down

@@ -303,6 +303,8 @@ def check_port_free(port: int) -> None:
     """Raise OSError naming the port if something listens there: uvicorn would exit the process instead."""
     host = load_settings().bind_host
     with socket.socket() as sock:
+        # As uvicorn binds: a port whose old connections linger in TIME_WAIT is free to listen on.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as err:

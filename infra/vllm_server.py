@@ -109,7 +109,8 @@ class VLLMServer:
         cuda = cuda_available() if cuda is None else cuda
         cmd = [os.path.abspath(cfg.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                "--served-model-name", served_name, "--host", HOST, "--port", str(port),
-               "--gpu-memory-utilization", str(cfg.memory_utilization), "--seed", "0"]
+               "--gpu-memory-utilization", str(cfg.memory_utilization), "--seed", "0",
+               "--enable-offline-docs"]  # /docs (through the router too) without Swagger from a CDN
         if cfg.max_model_len:
             cmd += ["--max-model-len", str(cfg.max_model_len)]
         if cfg.enforce_eager:

@@ -73,6 +73,37 @@ def mlflow_uri(tmp_path, _mlflow_empty_db) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"  # gitignored; CI keeps it
+
+
+def screenshot(page, name: str, full_page: bool = True) -> Path:
+    """Save a screenshot as test-artifacts/<name>.png (look at it) and return its path."""
+    path = ARTIFACTS / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(path), full_page=full_page)
+    return path
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's headless Chromium driven by Playwright (no browser can be downloaded here), for every
+    browser test of a service page; each test opens its own context. `make test` installs chromium
+    (`make test-deps`), so a missing one is a failed setup, not a reason to skip."""
+    from playwright.sync_api import sync_playwright
+
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: `make test-deps` installs Debian's chromium")
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
 def tiny_pretrained_checkpoints(root: Path, corpus: Path | None = None, seeds: tuple[int, ...] = (1, 2),
                                 steps: int = 12) -> list[Path]:
     """Tiny models (head_dim 32: servable by vLLM) pretrained a few steps from different seeds.

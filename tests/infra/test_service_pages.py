@@ -11,36 +11,17 @@ The browser is Debian's chromium driven by Playwright (browsers cannot be downlo
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from infra import services as infra_services
-from infra.settings import REPO_ROOT
 from registry import models
-from tests.conftest import tiny_pretrained_checkpoints
+from tests.conftest import screenshot, tiny_pretrained_checkpoints
 from ui import store as st
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
-ARTIFACTS = REPO_ROOT / "test-artifacts" / "service-pages"
 PAGE_TIMEOUT_MS = 60_000  # single-page apps on a busy 2-core machine: first paint can take seconds
 MODEL_NAME = "service-pages-lm"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    playwright_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: `make test-deps` installs Debian's chromium")
-    with playwright_api.sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
 
 
 @pytest.fixture
@@ -50,13 +31,6 @@ def page(browser):
     tab.set_default_timeout(PAGE_TIMEOUT_MS)
     yield tab
     context.close()
-
-
-def _screenshot(page, name: str) -> Path:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    path = ARTIFACTS / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
-    return path
 
 
 def test_prefect_ui_reaches_its_server_and_lists_our_flow_run(services, page):
@@ -74,7 +48,7 @@ def test_prefect_ui_reaches_its_server_and_lists_our_flow_run(services, page):
     try:
         page.get_by_text(run_name).first.wait_for()
     finally:
-        shot = _screenshot(page, "prefect-runs")
+        shot = screenshot(page, "service-pages/prefect-runs")
     body = page.inner_text("body")
     assert "Can't connect to Server API" not in body, f"the UI cannot reach its API; see {shot}"
     assert run_name in body
@@ -84,7 +58,7 @@ def test_prefect_ui_reaches_its_server_and_lists_our_flow_run(services, page):
     page.wait_for_url("**/runs/flow-run/**")
     page.get_by_text("Completed").first.wait_for()
     page.wait_for_load_state("networkidle")
-    _screenshot(page, "prefect-flow-run")
+    screenshot(page, "service-pages/prefect-flow-run")
     assert "Can't connect to Server API" not in page.inner_text("body")
 
 
@@ -118,13 +92,13 @@ def test_mlflow_ui_lists_the_registered_model_and_its_version(services, register
         page.get_by_text(MODEL_NAME).first.wait_for()
         _close_announcement(page)
     finally:
-        _screenshot(page, "mlflow-models")
+        screenshot(page, "service-pages/mlflow-models")
     row = page.get_by_role("row").filter(has_text=MODEL_NAME).inner_text()
     assert f"Version {registered_version}" in row and "challenger" in row
 
     page.goto(f"{services['mlflow_ui']}/#/models/{MODEL_NAME}")
     page.get_by_text(f"Version {registered_version}").first.wait_for()
-    _screenshot(page, "mlflow-model")
+    screenshot(page, "service-pages/mlflow-model")
     assert "challenger" in page.inner_text("body")  # the alias register_checkpoint set
 
 
@@ -153,6 +127,6 @@ def test_annotation_page_logs_in_and_shows_the_waiting_item(annotation_url, page
     try:
         page.get_by_text("Which planet is known as the red planet?").first.wait_for()
     finally:
-        _screenshot(page, "annotation-page")
+        screenshot(page, "service-pages/annotation-page")
     body = page.inner_text("body")
     assert "Mars." in body and "Venus." in body

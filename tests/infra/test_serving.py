@@ -239,3 +239,19 @@ def test_queue_fill_takes_the_champions_answers_from_serving(base_url, registry,
     assert len(items) == result["queued"] >= 1
     assert {(it.model_a, it.model_b) for it in items} == {(f"v{champion}", f"v{result['challenger']}")}
     store.engine.dispose()
+
+
+@needs_vllm
+@pytest.mark.serving
+@pytest.mark.slow
+def test_api_docs_open_in_a_browser_through_the_router(base_url, browser):
+    from tests.conftest import screenshot
+
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    page = context.new_page()
+    try:
+        page.goto(base_url.removesuffix("/v1") + "/docs", timeout=60_000)
+        page.get_by_text("/v1/chat/completions").first.wait_for(timeout=60_000)  # Swagger, served offline
+        screenshot(page, "service-pages/serving-docs", full_page=False)  # the whole API is 24,000 px tall
+    finally:
+        context.close()

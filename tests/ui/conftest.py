@@ -1,56 +1,20 @@
 """Fixtures for page tests: a real annotation page on a free loopback port, and a real headless Chromium.
 
-`browser` (session-wide) and `screenshot(page, name)` serve every browser test of a service page
-(the annotation page, Prefect, MLflow): Debian's /usr/bin/chromium driven by Playwright, since no
-browser can be downloaded here. Without chromium or playwright those tests skip and say why.
+The `browser` fixture and `screenshot(page, name)` live in tests/conftest.py: every service page's
+browser test uses them.
 """
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
 
-from infra.settings import REPO_ROOT
 from ui import store as st
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
-ARTIFACTS = REPO_ROOT / "test-artifacts"  # gitignored; CI keeps it
-
-
-def screenshot(page, name: str) -> Path:
-    """Save a full-page screenshot as test-artifacts/<name>.png (look at it) and return its path."""
-    ARTIFACTS.mkdir(exist_ok=True)
-    path = ARTIFACTS / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
-    return path
-
-
-@pytest.fixture(scope="session")
-def browser():
-    """A headless Chromium for the whole session (about 1 s to start); each test opens its own context."""
-    if not CHROMIUM.exists() and not shutil.which("chromium"):
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium); browser tests need it")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("the playwright package is not installed (pip install -r requirements-dev.txt)")
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=str(CHROMIUM if CHROMIUM.exists() else shutil.which("chromium")),
-                                      headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
-
 
 @pytest.fixture
 def labels_store(tmp_path) -> Iterator[st.Store]:

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from tests.ui.conftest import screenshot
+from tests.conftest import screenshot
 from ui import store as st
 
 expect = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed").expect
