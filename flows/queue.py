@@ -8,7 +8,8 @@ it points elsewhere). With only one version there is nothing else to compare, so
 two samples of the champion at `queue.temperature`; their difference is still a preference DPO can
 learn from. The champion answers through serving when serving is up (the same path users hit, so
 labels judge what they actually get), otherwise in-process, as the challenger always does. Items
-whose two answers are identical carry no preference and are not queued. A share of items
+whose two answers are identical carry no preference and are not queued; twice as many prompts as
+items are answered (a file's prompts are all used) so that a fill still queues `n`. A share of items
 (`queue.overlap_share`) asks for `queue.overlap` labels: agreement is measured on those.
 Which side is which is stored with the item and never shown; the page shows them in random order.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import random
+from collections import Counter
 import sys
 import time
 from pathlib import Path
@@ -32,6 +34,10 @@ from flows.prompts import (SOURCE_FILE, Prompt, SourcedPrompt, as_messages, defa
 from infra.settings import load_settings
 from registry import models
 from ui.store import add_items, item_count, open_store
+
+# Two samples of one small model often agree (8 of 20 arithmetic answers on the tiny preset): answer
+# this many prompts per wanted item.
+OVERSAMPLE = 2
 
 
 def sides(client: MlflowClient, name: str) -> tuple[str, str | None]:
@@ -90,11 +96,11 @@ def queue_fill_flow(name: str = "flywheel-chat", prompts_file: str | None = None
 
     store = open_store()
     if prompts_file:
-        chosen = [SourcedPrompt(p, SOURCE_FILE) for p in load_prompts_file(Path(prompts_file))[:n]]
+        chosen = [SourcedPrompt(p, SOURCE_FILE) for p in load_prompts_file(Path(prompts_file))[: OVERSAMPLE * n]]
     else:
         data = s.repo_root / client.get_model_version(name, champion).tags.get("data.path", "data/clean")
         # Seeded by the queue's size: a rerun of the same fill is reproducible, the next fill samples anew.
-        chosen = default_prompts(n, logged_prompts(serving_log_files(s.home)), data, seed=cfg.seed + item_count(store))
+        chosen = default_prompts(OVERSAMPLE * n, logged_prompts(serving_log_files(s.home)), data, seed=cfg.seed + item_count(store))
     prompts = [c.prompt for c in chosen]
 
     out = s.home / "queue" / time.strftime("%Y%m%d-%H%M%S")
@@ -117,14 +123,17 @@ def queue_fill_flow(name: str = "flywheel-chat", prompts_file: str | None = None
         if a.strip() == b.strip():
             identical += 1
             continue
+        if len(items) == n:
+            break
         items.append({"prompt": c.prompt, "response_a": a, "response_b": b, "model_a": f"v{champion}",
                       "model_b": side_b, "source": c.source,
                       "overlap": cfg.overlap if rng.random() < cfg.overlap_share else None})
     ids = add_items(store, items)
-    sources = {src: sum(c.source == src for c in chosen) for src in {c.source for c in chosen}}
+    sources = dict(Counter(it["source"] for it in items))
     logger.info("queued %d items: v%s (%s) vs %s; %d identical answers left out; prompts %s", len(ids), champion,
                 champion_via, side_b, identical, sources)
-    return {"queued": len(ids), "item_ids": ids, "identical": identical, "champion": champion,
+    return {"queued": len(ids), "item_ids": ids, "identical": identical, "answered": len(chosen),
+            "champion": champion,
             "challenger": challenger, "champion_via": champion_via, "sources": sources,
             "overlapping": sum(it["overlap"] is not None for it in items)}
 

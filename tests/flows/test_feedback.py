@@ -72,7 +72,8 @@ def test_queue_fill_answers_with_the_champion_and_a_second_sample(loop):
     result = queue.queue_fill_flow(name=NAME, preset="tiny", overrides=FAST)
     assert result["champion"] == loop["champion"] and result["challenger"] is None  # one version only
     assert result["champion_via"] == "in-process"  # serving is not up in this test
-    assert result["queued"] + result["identical"] == 12 and result["queued"] >= 6
+    assert 6 <= result["queued"] <= 12 < result["answered"]  # twice the prompts, for the answers that agree
+    assert result["queued"] == 12 or result["queued"] + result["identical"] == result["answered"]
     with loop["store"].session() as s:
         items = s.query(st.Item).all()
     assert {it.model_a for it in items} == {f"v{loop['champion']}"}
