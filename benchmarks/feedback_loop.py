@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import machine, write_results  # noqa: E402
 from flows.lifecycle_config import LifecycleConfig  # noqa: E402
 from infra import services  # noqa: E402
+from infra.router import CLIENT_HEADER  # noqa: E402
 from infra.settings import apply_offline_env  # noqa: E402
 
 ANNOTATOR, PASSWORD = "bench-annotator", "bench-password"
@@ -34,7 +35,7 @@ ANNOTATOR, PASSWORD = "bench-annotator", "bench-password"
 
 def served_version(base_url: str, name: str) -> str | None:
     try:
-        r = httpx.post(f"{base_url.rstrip('/')}/chat/completions", timeout=30, json={
+        r = httpx.post(f"{base_url.rstrip('/')}/chat/completions", timeout=30, headers={CLIENT_HEADER: "benchmark"}, json={
             "model": name, "messages": [{"role": "user", "content": "What is 2 + 2?"}], "max_tokens": 4})
     except httpx.HTTPError:
         return None

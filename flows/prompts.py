@@ -95,7 +95,8 @@ def logged_prompts(files: Sequence[Path]) -> list[Prompt]:
     """Distinct user prompts from serving logs, in first-seen order.
 
     Lines without a usable prompt are skipped, not errors: a log is what happened (GET requests,
-    a line cut by rotation), not input someone wrote for us. A question asked a thousand times
+    a line cut by rotation), not input someone wrote for us. So are the platform's own requests
+    (marked `client`, e.g. the queue fill asking the champion): they are not users' prompts. A question asked a thousand times
     counts once, so popular prompts do not crowd out the rest of the sample.
     """
     seen, prompts = set(), []
@@ -105,7 +106,9 @@ def logged_prompts(files: Sequence[Path]) -> list[Prompt]:
                 record = json.loads(line)
             except ValueError:
                 continue
-            prompt = _checked_prompt(record.get("prompt")) if isinstance(record, dict) else None
+            if not isinstance(record, dict) or record.get("client"):  # the platform's own requests
+                continue
+            prompt = _checked_prompt(record.get("prompt"))
             key = json.dumps(prompt, sort_keys=True)
             if prompt is not None and key not in seen:
                 seen.add(key)

@@ -17,7 +17,6 @@ Which side is which is stored with the item and never shown; the page shows them
 from __future__ import annotations
 
 import argparse
-import random
 from collections import Counter
 import sys
 import time
@@ -31,6 +30,7 @@ from prefect import flow, get_run_logger
 from flows.lifecycle_config import LifecycleConfig
 from flows.prompts import (SOURCE_FILE, Prompt, SourcedPrompt, as_messages, default_prompts, load_prompts_file,
                            logged_prompts, model_answers, serving_log_files)
+from infra.router import CLIENT_HEADER
 from infra.settings import load_settings
 from registry import models
 from ui.store import add_items, item_count, open_store
@@ -38,6 +38,11 @@ from ui.store import add_items, item_count, open_store
 # Two samples of one small model often agree (8 of 20 arithmetic answers on the tiny preset): answer
 # this many prompts per wanted item.
 OVERSAMPLE = 2
+
+
+def _overlaps(index: int, share: float) -> bool:
+    """Spread the overlapping share evenly: with 0.25, items 3, 7, 11, ... (every fill, however small)."""
+    return int((index + 1) * share) > int(index * share)
 
 
 def sides(client: MlflowClient, name: str) -> tuple[str, str | None]:
@@ -59,7 +64,7 @@ def served_answers(base_url: str, name: str, version: str, prompts: list[Prompt]
                    temperature: float) -> list[str] | None:
     """Answers through the serving router, or None if it is down or serves another version."""
     answers = []
-    with httpx.Client(base_url=base_url.rstrip("/"), timeout=60.0) as http:
+    with httpx.Client(base_url=base_url.rstrip("/"), timeout=60.0, headers={CLIENT_HEADER: "queue-fill"}) as http:
         for prompt in prompts:
             try:
                 response = http.post("/chat/completions", json={
@@ -117,7 +122,6 @@ def queue_fill_flow(name: str = "flywheel-chat", prompts_file: str | None = None
     second = local(challenger or champion, cfg.seed + 1)
     side_b = f"v{challenger}" if challenger else f"v{champion} (second sample)"
 
-    rng = random.Random(cfg.seed)
     items, identical = [], 0
     for c, a, b in zip(chosen, first, second, strict=True):
         if a.strip() == b.strip():
@@ -127,7 +131,7 @@ def queue_fill_flow(name: str = "flywheel-chat", prompts_file: str | None = None
             break
         items.append({"prompt": c.prompt, "response_a": a, "response_b": b, "model_a": f"v{champion}",
                       "model_b": side_b, "source": c.source,
-                      "overlap": cfg.overlap if rng.random() < cfg.overlap_share else None})
+                      "overlap": cfg.overlap if _overlaps(len(items), cfg.overlap_share) else None})
     ids = add_items(store, items)
     sources = dict(Counter(it["source"] for it in items))
     logger.info("queued %d items: v%s (%s) vs %s; %d identical answers left out; prompts %s", len(ids), champion,

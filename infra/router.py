@@ -41,6 +41,9 @@ from infra.vllm_server import ServingConfig, VLLMServer
 
 log = logging.getLogger(__name__)
 
+# Set by the platform's own callers (the queue fill, benchmarks): their prompts are not users' and
+# are never sampled back out of the request log.
+CLIENT_HEADER = "X-Flywheel-Client"
 VERSION_HEADER = "X-Model-Version"
 # Headers that describe one hop, not the message: never forwarded.
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host",
@@ -263,6 +266,8 @@ class Router:
     def _log(self, request: Request, body: bytes, response: bytes, status: int, version: str, seconds: float) -> None:
         record = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "path": request.url.path, "status": status,
                   "model_version": version, "latency_s": round(seconds, 4)}
+        if request.headers.get(CLIENT_HEADER):  # the platform's own traffic, not a user's prompt
+            record["client"] = request.headers[CLIENT_HEADER]
         if self.cfg.log_prompts:
             request_json = _json_or_none(body) or {}
             record["prompt"] = _prompt_of(request_json)

@@ -18,6 +18,7 @@ Only the small `data/<name>.dvc` files belong in git; the data itself is ignored
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -29,6 +30,9 @@ import yaml
 from infra.settings import dvc_env, load_settings
 
 REMOTE_NAME = "local"
+# DVC tells a person to `git add` the .dvc file after every `add`; committing data versions is the
+# user's call (the lineage already records the md5), so the hint is noise in every flow log.
+logging.getLogger("dvc.repo.scm_context").setLevel(logging.WARNING)
 
 
 @dataclass(frozen=True)

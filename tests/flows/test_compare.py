@@ -64,9 +64,11 @@ def test_prompts_file_jsonl_text_and_the_bad_line_named(tmp_path: Path) -> None:
 
 
 def test_logged_prompts_are_distinct_user_prompts_oldest_log_first(tmp_path: Path) -> None:
+    # ...and never the platform's own requests (the queue fill asking the champion marks them `client`).
     logs = tmp_path / "serving" / "logs"
     logs.mkdir(parents=True)
-    (logs / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in LOGGED) + "{cut by rotat\n")
+    own = {"path": "/v1/chat/completions", "status": 200, "client": "queue-fill", "prompt": "asked by the platform"}
+    (logs / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*LOGGED, own]) + "{cut by rotat\n")
     (logs / "requests.jsonl.2").write_text(json.dumps(LOGGED[1]) + "\n")
     (logs / "requests.jsonl.1").write_text(json.dumps(ROTATED) + "\n")
     files = prompts.serving_log_files(tmp_path)

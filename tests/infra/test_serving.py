@@ -239,6 +239,13 @@ def test_queue_fill_takes_the_champions_answers_from_serving(base_url, registry,
     assert len(items) == result["queued"] >= 1
     assert {(it.model_a, it.model_b) for it in items} == {(f"v{champion}", f"v{result['challenger']}")}
     store.engine.dispose()
+    # The router logged those requests as the platform's own: the next fill does not sample them back.
+    from flows.prompts import logged_prompts, serving_log_files
+
+    logs = serving_log_files(load_settings().home)
+    records = [json.loads(line) for f in logs for line in f.read_text().splitlines()]
+    assert sum(r.get("client") == "queue-fill" for r in records) >= 3
+    assert not set(prompts.read_text().splitlines()) & set(logged_prompts(logs))
 
 
 @needs_vllm
