@@ -23,10 +23,11 @@ import argparse
 import contextlib
 import fcntl
 import json
+import math
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,16 @@ def _round_lock() -> Iterator[None]:
         yield
 
 
+def _sized(dpo_cfg, pairs: int, epochs: float):
+    """DPO's steps for `epochs` passes over `pairs` (at least one step); epochs 0 keeps the config's."""
+    if not epochs:
+        return dpo_cfg
+    steps = max(1, math.ceil(epochs * pairs / dpo_cfg.batch_size))
+    train = replace(dpo_cfg.train, max_steps=steps, warmup_steps=min(dpo_cfg.train.warmup_steps, steps // 4),
+                    checkpoint_every=min(dpo_cfg.train.checkpoint_every, steps))
+    return replace(dpo_cfg, train=train)
+
+
 @flow(name="feedback", log_prints=True, validate_parameters=False)
 def feedback_flow(name: str = "flywheel-chat", preset: str = "tiny", overrides: list[str] | None = None) -> dict[str, Any]:
     """One round on every label so far, whatever their number; parameters are editable in the Prefect UI."""
@@ -195,8 +206,9 @@ def feedback_flow(name: str = "flywheel-chat", preset: str = "tiny", overrides: 
                 return out
 
             start_from = models.download_version(client, name, champion, dst=ctx.out(f"start-from-v{champion}"))
-            dpo_cfg = cfg.build("dpo", dataset=data, policy=start_from, pairs=labels.pairs_file,
-                                output_dir=ctx.out("dpo"), lineage=dict(ctx.lineage))
+            dpo_cfg = _sized(cfg.build("dpo", dataset=data, policy=start_from, pairs=labels.pairs_file,
+                                       output_dir=ctx.out("dpo"), lineage=dict(ctx.lineage)),
+                             pairs, cfg.build("feedback").epochs)
             tuned, dpo_run = phase("dpo", run_stage, "dpo", dpo_cfg, ctx)
             ctx.lineage["dpo.run_id"] = dpo_run
             scored = phase("evaluate", evaluate_flow, cfg, ctx, data, {"feedback": tuned.checkpoint})

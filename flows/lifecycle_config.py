@@ -90,10 +90,14 @@ class FeedbackConfig:
     min_new_labels: int = 20  # the scheduled check starts a round once this many labels are new
     check_every_s: int = 60  # how often that check counts them (a Prefect interval schedule)
     min_pairs: int = 4  # fewer usable pairs than this (after ties and both-bad) and the round stops early
+    # Passes of DPO over the pairs (its steps follow from the pair count and dpo.batch_size; 0: take
+    # dpo.train.max_steps as set). A few dozen labels must nudge the champion, not overfit it:
+    # measured on the tiny preset, the lifecycle's 40 DPO steps on 20 pairs took accuracy 0.54 -> 0.27.
+    epochs: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.min_new_labels < 1 or self.check_every_s < 10 or self.min_pairs < 1:
-            raise ConfigError("feedback: min_new_labels and min_pairs must be >= 1, check_every_s >= 10")
+        if self.min_new_labels < 1 or self.check_every_s < 10 or self.min_pairs < 1 or self.epochs < 0:
+            raise ConfigError("feedback: min_new_labels and min_pairs must be >= 1, check_every_s >= 10, epochs >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)

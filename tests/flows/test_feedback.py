@@ -7,6 +7,7 @@ runs in about a minute; `flywheel run` itself is covered by tests/flows/test_lif
 
 from __future__ import annotations
 
+import math
 import subprocess
 
 import pytest
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.slow
 NAME = "feedback-chat"
 # Held-out NLL gates here (see tests/flows/test_lifecycle.py for why); a generous margin lets a
 # few DPO steps on a dozen labels through, so the test sees the alias move.
-FAST = ["dpo.batch_size=4", "dpo.train.max_steps=4", "dpo.train.checkpoint_every=2",
+FAST = ["dpo.batch_size=4", "dpo.train.checkpoint_every=2",
         "evaluate.arithmetic_problems=10", "evaluate.perplexity_windows=16",
         "promote.gates.eval/arithmetic/accuracy.floor=0", "promote.gates.eval/heldout/nll.higher_is_better=false",
         "promote.gates.eval/heldout/nll.margin=5", "serve.enabled=false",
@@ -105,6 +106,8 @@ def test_feedback_round_trains_on_the_labels_and_promotes_with_their_lineage(loo
     assert models.champion_version(client, NAME) == result["version"] != loop["champion"]
     dpo_run = client.get_run(new.tags["dpo.run_id"])
     assert dpo_run.data.params["data/pairs"] == str(result["pairs"])  # DPO read the exported pairs
+    # feedback.epochs=2 passes over the pairs at dpo.batch_size=4, not the preset's fixed step count
+    assert dpo_run.data.params["train.max_steps"] == str(math.ceil(2 * result["pairs"] / 4))
 
 
 def test_feedback_cli_stops_early_without_enough_pairs(loop, capsys):
