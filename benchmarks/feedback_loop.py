@@ -5,8 +5,9 @@
     .venv/bin/python benchmarks/feedback_loop.py --inline        # the check run here, no waiting for the schedule
 
 It uses the running services of the state root (`flywheel services up`): fills the queue with
-`min_new_labels` items, labels all but one through the store (the page's own code path), then
-stores the crossing label and starts the clock. The clock stops when serving answers with
+`min_new_labels` items, labels all but one through the store (the page's own code path) the way
+the guidelines ask (truthful first: the answer with the right number wins, a tie when both or
+neither have it), then stores the crossing label and starts the clock. The clock stops when serving answers with
 `X-Model-Version` = the new champion. Phases come from the feedback round's MLflow run (`time/*_s`):
 export, DPO, evaluate (challenger and the champion re-scored), promote, serve; "wait for the check" is
 the rest (at most `feedback.check_every_s` with the worker). If the gate refuses the new version the
@@ -40,6 +41,16 @@ def served_version(base_url: str, name: str) -> str | None:
     except httpx.HTTPError:
         return None
     return r.headers.get("X-Model-Version") if r.status_code == 200 else None
+
+
+def truthful_choice(answers: dict[str, int], prompt, a: str, b: str) -> str:
+    """What an annotator following the guidelines picks on an arithmetic question."""
+    from stages.tasks.arithmetic import extract_answer
+
+    question = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+    right = answers.get(question)
+    good = [extract_answer(x) == str(right) for x in (a, b)]
+    return "A" if good == [True, False] else "B" if good == [False, True] else "tie" if all(good) else "both_bad"
 
 
 def main() -> None:
@@ -77,11 +88,17 @@ def main() -> None:
         pairs.append(pair)
     if len(pairs) < to_label:
         raise SystemExit(f"the queue has only {len(pairs)} items for {ANNOTATOR}; {to_label} are needed")
-    for i, pair in enumerate(pairs[:-1]):
-        st.submit_label(store, ANNOTATOR, pair.item_id, "A" if i % 2 else "B", idempotency_key=f"bench-{pair.item_id}")
+    from infra.settings import load_settings
+    from stages.chat import load_problems
+
+    data = load_settings().repo_root / client.get_model_version(args.name, before).tags.get("data.path", "data/clean")
+    answers = {p.question: p.answer for split in ("train", "test") for p in load_problems(data, split)}
+    choices = [truthful_choice(answers, p.prompt, p.response_a, p.response_b) for p in pairs]
+    for pair, choice in zip(pairs[:-1], choices, strict=False):
+        st.submit_label(store, ANNOTATOR, pair.item_id, choice, idempotency_key=f"bench-{pair.item_id}")
     started_at = time.time()
     t0 = time.monotonic()
-    st.submit_label(store, ANNOTATOR, pairs[-1].item_id, "A", idempotency_key=f"bench-{pairs[-1].item_id}")
+    st.submit_label(store, ANNOTATOR, pairs[-1].item_id, choices[-1], idempotency_key=f"bench-{pairs[-1].item_id}")
     print(f"label {need} of {need} stored; v{before} is champion; waiting for the loop ...", flush=True)
     if args.inline:
         feedback.feedback_check(name=args.name, preset=args.preset, overrides=args.overrides)
@@ -106,7 +123,7 @@ def main() -> None:
               if k.startswith("time/")}
     outcome = ("new model answering" if answered else "gate refused the new version" if run and champion == before
                else "failed" if run and run.info.status == "FAILED" else "timed out")
-    result = {"machine": machine(), "preset": args.preset, "overrides": args.overrides, "inline": args.inline,
+    result = {"machine": machine(), "preset": args.preset, "choices": {c: choices.count(c) for c in set(choices)}, "overrides": args.overrides, "inline": args.inline,
               "min_new_labels": need, "check_every_s": cfg.build("feedback").check_every_s, "outcome": outcome,
               "champion_before": before, "champion_after": champion, "loop_s": total, "phases_s": phases,
               "wait_for_check_s": total - sum(phases.values()) if phases else None,
