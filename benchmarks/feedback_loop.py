@@ -83,22 +83,20 @@ def main() -> None:
     to_label = need - pending
     queue.queue_fill_flow(name=args.name, n=to_label + 4, preset=args.preset,
                           overrides=[*args.overrides, "queue.overlap_share=0"])
-    pairs = []
-    while len(pairs) < to_label and (pair := st.next_item(store, ANNOTATOR)) is not None:
-        pairs.append(pair)
-    if len(pairs) < to_label:
-        raise SystemExit(f"the queue has only {len(pairs)} items for {ANNOTATOR}; {to_label} are needed")
     from infra.settings import load_settings
     from stages.chat import load_problems
 
     data = load_settings().repo_root / client.get_model_version(args.name, before).tags.get("data.path", "data/clean")
     answers = {p.question: p.answer for split in ("train", "test") for p in load_problems(data, split)}
-    choices = [truthful_choice(answers, p.prompt, p.response_a, p.response_b) for p in pairs]
-    for pair, choice in zip(pairs[:-1], choices, strict=False):
-        st.submit_label(store, ANNOTATOR, pair.item_id, choice, idempotency_key=f"bench-{pair.item_id}")
-    started_at = time.time()
-    t0 = time.monotonic()
-    st.submit_label(store, ANNOTATOR, pairs[-1].item_id, choices[-1], idempotency_key=f"bench-{pairs[-1].item_id}")
+    choices = []
+    # One at a time, as the page hands them out: next_item returns the annotator's open item until it is labelled.
+    while len(choices) < to_label and (pair := st.next_item(store, ANNOTATOR)) is not None:
+        choices.append(truthful_choice(answers, pair.prompt, pair.response_a, pair.response_b))
+        if len(choices) == to_label:  # the crossing label: the clock starts
+            started_at, t0 = time.time(), time.monotonic()
+        st.submit_label(store, ANNOTATOR, pair.item_id, choices[-1], idempotency_key=f"bench-{pair.item_id}")
+    if len(choices) < to_label:
+        raise SystemExit(f"the queue had only {len(choices)} items for {ANNOTATOR}; {to_label} are needed")
     print(f"label {need} of {need} stored; v{before} is champion; waiting for the loop ...", flush=True)
     if args.inline:
         feedback.feedback_check(name=args.name, preset=args.preset, overrides=args.overrides)
