@@ -149,13 +149,16 @@ def _round_lock() -> Iterator[None]:
         yield
 
 
-def _sized(dpo_cfg, pairs: int, epochs: float):
-    """DPO's steps for `epochs` passes over `pairs` (at least one step); epochs 0 keeps the config's."""
-    if not epochs:
-        return dpo_cfg
-    steps = max(1, math.ceil(epochs * pairs / dpo_cfg.batch_size))
-    train = replace(dpo_cfg.train, max_steps=steps, warmup_steps=min(dpo_cfg.train.warmup_steps, steps // 4),
-                    checkpoint_every=min(dpo_cfg.train.checkpoint_every, steps))
+def _for_a_round(dpo_cfg, pairs: int, feedback) -> Any:
+    """DPO as a feedback round runs it: `feedback.epochs` passes over the pairs (at least one step) at
+    `feedback.lr`; zero keeps the dpo section's own value."""
+    train = dpo_cfg.train
+    if feedback.epochs:
+        steps = max(1, math.ceil(feedback.epochs * pairs / dpo_cfg.batch_size))
+        train = replace(train, max_steps=steps, warmup_steps=min(train.warmup_steps, steps // 4),
+                        checkpoint_every=min(train.checkpoint_every, steps))
+    if feedback.lr:
+        train = replace(train, lr=feedback.lr)
     return replace(dpo_cfg, train=train)
 
 
@@ -206,9 +209,9 @@ def feedback_flow(name: str = "flywheel-chat", preset: str = "tiny", overrides: 
                 return out
 
             start_from = models.download_version(client, name, champion, dst=ctx.out(f"start-from-v{champion}"))
-            dpo_cfg = _sized(cfg.build("dpo", dataset=data, policy=start_from, pairs=labels.pairs_file,
-                                       output_dir=ctx.out("dpo"), lineage=dict(ctx.lineage)),
-                             pairs, cfg.build("feedback").epochs)
+            dpo_cfg = _for_a_round(cfg.build("dpo", dataset=data, policy=start_from, pairs=labels.pairs_file,
+                                             output_dir=ctx.out("dpo"), lineage=dict(ctx.lineage)),
+                                   pairs, cfg.build("feedback"))
             tuned, dpo_run = phase("dpo", run_stage, "dpo", dpo_cfg, ctx)
             ctx.lineage["dpo.run_id"] = dpo_run
             scored = phase("evaluate", evaluate_flow, cfg, ctx, data, {"feedback": tuned.checkpoint})

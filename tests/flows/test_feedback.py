@@ -108,6 +108,7 @@ def test_feedback_round_trains_on_the_labels_and_promotes_with_their_lineage(loo
     assert dpo_run.data.params["data/pairs"] == str(result["pairs"])  # DPO read the exported pairs
     # feedback.epochs=2 passes over the pairs at dpo.batch_size=4, not the preset's fixed step count
     assert dpo_run.data.params["train.max_steps"] == str(math.ceil(2 * result["pairs"] / 4))
+    assert float(dpo_run.data.params["train.lr"]) == 1e-5  # feedback.lr, not the lifecycle's dpo.train.lr
 
 
 def test_feedback_cli_stops_early_without_enough_pairs(loop, capsys):
