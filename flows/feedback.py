@@ -199,7 +199,7 @@ def feedback_flow(name: str = "flywheel-chat", preset: str = "tiny", overrides: 
                    "preferences.path": f"data/{PREFERENCES}"}
         parent = start_run(uri, EXPERIMENT, f"feedback-{stamp}", tags={"stage": "feedback", **lineage})
         lineage["feedback.run_id"] = parent.run_id
-        ctx = RunContext(run_dir=s.runs_dir / f"feedback-{stamp}", mlflow_uri=uri, parent_run_id=parent.run_id,
+        ctx = RunContext(run_dir=s.runs_dir / f"{stamp}-feedback", mlflow_uri=uri, parent_run_id=parent.run_id,
                          lineage=lineage)
         try:
             def phase(label, fn, *args):
