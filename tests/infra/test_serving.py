@@ -229,7 +229,7 @@ def test_queue_fill_takes_the_champions_answers_from_serving(base_url, registry,
     champion = models.champion_version(client, NAME)
     monkeypatch.setenv("FLYWHEEL_LABELS_DB", f"sqlite:///{tmp_path / 'labels.db'}")
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("Sam has 3 apples and gets 4 more. How many apples?\nWhat is 12 + 30?\nName a colour.\n")
+    prompts.write_text("Tom has 5 pens and buys 2 more. How many pens?\nWhat is 12 + 30?\nName a colour.\n")
     result = queue_fill_flow(name=NAME, prompts_file=str(prompts), overrides=["queue.max_new_tokens=8"])
     assert result["champion_via"] == "serving" and result["champion"] == champion
     assert result["challenger"] == next(v for v in versions if v != champion)
@@ -245,7 +245,8 @@ def test_queue_fill_takes_the_champions_answers_from_serving(base_url, registry,
     logs = serving_log_files(load_settings().home)
     records = [json.loads(line) for f in logs for line in f.read_text().splitlines()]
     assert sum(r.get("client") == "queue-fill" for r in records) >= 3
-    assert not set(prompts.read_text().splitlines()) & set(logged_prompts(logs))
+    asked = [p if isinstance(p, str) else p[-1]["content"] for p in logged_prompts(logs)]
+    assert not set(prompts.read_text().splitlines()) & set(asked)
 
 
 @needs_vllm
