@@ -13,14 +13,13 @@ preferred the same answer agree.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import func, select
 
 from ui import agreement
-from ui.store import CATEGORIES, CHOICES, Annotator, Assignment, Item, Label, Store
+from ui.store import CATEGORIES, CHOICES, Annotator, Assignment, Item, Label, Store, wants_labels
 
 
 @dataclass(frozen=True)
@@ -41,13 +40,6 @@ class Throughput:
 
 
 @dataclass(frozen=True)
-class Agreement:
-    kappa: dict[tuple[str, str], tuple[float, int]]  # (annotator, annotator) -> (Cohen's kappa, shared items)
-    alpha: float  # Krippendorff's alpha (nominal) over items with two labels or more; NaN when none
-    overlapping_items: int
-
-
-@dataclass(frozen=True)
 class Distribution:
     choices: dict[str, int]  # every choice, zeros included
     categories: dict[str, int]  # categories used, plus "(none)" for labels without one
@@ -58,9 +50,8 @@ def queue_status(store: Store, overlap: int = 1) -> QueueStatus:
     """`overlap`: labels an item wants unless it sets its own (the page's queue setting)."""
     now = store.clock()
     with store.session() as s:
-        label_count = select(func.count(Label.id)).where(Label.item_id == Item.id).correlate(Item).scalar_subquery()
         items = s.scalar(select(func.count(Item.id)))
-        remaining = s.scalar(select(func.count(Item.id)).where(label_count < func.coalesce(Item.overlap, overlap)))
+        remaining = s.scalar(select(func.count(Item.id)).where(wants_labels(overlap)))
         leased = s.scalar(select(func.count(func.distinct(Assignment.item_id))).where(Assignment.leased_until > now))
         labels = s.scalar(select(func.count(Label.id)))
     return QueueStatus(items=items, labels=labels, labelled=items - remaining, remaining=remaining, leased=leased)
@@ -88,11 +79,8 @@ def _labels(store: Store) -> list[tuple[str, str, str]]:
                           .join(Annotator, Annotator.id == Label.annotator_id).order_by(Label.id))]
 
 
-def agreement_stats(store: Store) -> Agreement:
-    labels = _labels(store)
-    per_item = Counter(item for item, _, _ in labels)
-    return Agreement(kappa=agreement.pairwise_kappa(labels), alpha=agreement.krippendorff_alpha(labels),
-                     overlapping_items=sum(1 for n in per_item.values() if n >= 2))
+def agreement_stats(store: Store) -> agreement.Agreement:
+    return agreement.measure(_labels(store))
 
 
 def distribution(store: Store) -> Distribution:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from itertools import combinations
 
 import krippendorff
@@ -87,3 +88,18 @@ def krippendorff_alpha(labels: Iterable[Label]) -> float:
             if annotator in by:
                 data[i, j] = code[by[annotator]]
     return float(krippendorff.alpha(reliability_data=data, level_of_measurement="nominal"))
+
+
+@dataclass(frozen=True)
+class Agreement:
+    kappa: dict[tuple[str, str], tuple[float, int]]  # (annotator, annotator) -> (Cohen's kappa, shared items)
+    alpha: float  # Krippendorff's alpha (nominal) over items with two labels or more; NaN when none
+    overlapping_items: int  # items labelled by two or more annotators
+
+
+def measure(labels: Iterable[Label]) -> Agreement:
+    """Everything the admin tab and an export report about agreement, from one list of labels."""
+    labels = list(labels)
+    per_item = Counter(item for item, _, _ in labels)
+    return Agreement(kappa=pairwise_kappa(labels), alpha=krippendorff_alpha(labels),
+                     overlapping_items=sum(1 for n in per_item.values() if n >= 2))

@@ -116,16 +116,16 @@ def preference_pairs(store: Store) -> Export:
         })
 
     votes_by = [(str(label.item_id), name, label.choice) for label, _item, name in rows]
-    alpha, kappas = agreement.krippendorff_alpha(votes_by), agreement.pairwise_kappa(votes_by)
+    agreed = agreement.measure(votes_by)
     summary = {
         "labels": len(rows), "items": len(by_item), "pairs": len(pairs), "outcomes": dict(outcomes),
         "first_label_id": rows[0][0].id if rows else 0, "last_label_id": rows[-1][0].id if rows else 0,
         "annotators": sorted({name for _, _, name in rows}),
         "agreement": {
-            "krippendorff_alpha": _number(alpha),  # None: nothing labelled twice, or one answer only
-            "items_with_overlap": sum(len(v) >= 2 for v in by_item.values()),
+            "krippendorff_alpha": _number(agreed.alpha),  # None: nothing labelled twice, or one answer only
+            "items_with_overlap": agreed.overlapping_items,
             "cohen_kappa": {f"{a}|{b}": {"kappa": _number(k), "items": n}
-                            for (a, b), (k, n) in kappas.items()},
+                            for (a, b), (k, n) in agreed.kappa.items()},
         },
         "rules": "a strict majority of A or B makes a pair; split, tie and both_bad do not; flags travel along",
     }

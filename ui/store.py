@@ -282,6 +282,20 @@ def _shown(item: Item, a: Assignment) -> Pair:
     return Pair(item.id, item.prompt, first, second)
 
 
+def wants_labels(overlap: int):
+    """SQL condition on Item: fewer labels than it wants (its own overlap, else the queue's)."""
+    label_count = select(func.count(Label.id)).where(Label.item_id == Item.id).correlate(Item).scalar_subquery()
+    return label_count < func.coalesce(Item.overlap, overlap)
+
+
+def open_to(annotator_id: int, overlap: int) -> tuple:
+    """SQL conditions on Item: it still wants labels, and this annotator neither labelled nor skipped it."""
+    return (wants_labels(overlap),
+            Item.id.not_in(select(Label.item_id).where(Label.annotator_id == annotator_id)),
+            Item.id.not_in(select(Assignment.item_id).where(Assignment.annotator_id == annotator_id,
+                                                            Assignment.skipped)))
+
+
 def next_item(store: Store, annotator: str, lease_s: float = 600, overlap: int = 1) -> Pair | None:
     """The annotator's current item, or lease them a new one; None when nothing is left for them.
 
@@ -295,12 +309,8 @@ def next_item(store: Store, annotator: str, lease_s: float = 600, overlap: int =
                          .order_by(Assignment.id)).first()
         if mine is not None:  # a reload or a second tab shows the same item, not a new one
             return _shown(s.get(Item, mine.item_id), mine)
-        label_count = select(func.count(Label.id)).where(Label.item_id == Item.id).correlate(Item).scalar_subquery()
         held = select(Assignment.item_id).where(Assignment.leased_until > now)
-        labelled_by_me = select(Label.item_id).where(Label.annotator_id == me.id)
-        skipped_by_me = select(Assignment.item_id).where(Assignment.annotator_id == me.id, Assignment.skipped)
-        free = (label_count < func.coalesce(Item.overlap, overlap), Item.id.not_in(held),
-                Item.id.not_in(labelled_by_me), Item.id.not_in(skipped_by_me))
+        free = (*open_to(me.id, overlap), Item.id.not_in(held))
         query = select(Item).where(*free).order_by(Item.id).limit(1)
         if s.get_bind().dialect.name != "sqlite":
             # SQLite's BEGIN IMMEDIATE already serialised us. On PostgreSQL the row lock does: a racer
@@ -465,12 +475,8 @@ def progress(store: Store, annotator: str, overlap: int = 1) -> Progress:
     their leases may expire and come back."""
     with store.session() as s:
         me = _active_annotator(s, annotator)
-        label_count = select(func.count(Label.id)).where(Label.item_id == Item.id).correlate(Item).scalar_subquery()
         labelled = s.scalar(select(func.count(Label.id)).where(Label.annotator_id == me.id))
-        left = s.scalar(select(func.count(Item.id)).where(
-            label_count < func.coalesce(Item.overlap, overlap),
-            Item.id.not_in(select(Label.item_id).where(Label.annotator_id == me.id)),
-            Item.id.not_in(select(Assignment.item_id).where(Assignment.annotator_id == me.id, Assignment.skipped))))
+        left = s.scalar(select(func.count(Item.id)).where(*open_to(me.id, overlap)))
         return Progress(labelled=labelled, left=left)
 
 
