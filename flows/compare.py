@@ -137,9 +137,7 @@ def compare_versions(model_name: str = "flywheel-chat", challenger: str = "chall
     if not judge_url or not judge_model:
         raise ValueError("compare needs a judge: judge_url (e.g. http://127.0.0.1:8000/v1) and judge_model")
     s = load_settings()
-    uri = s.mlflow_tracking_uri
-    if not uri:
-        raise RuntimeError("MLFLOW_TRACKING_URI is not set: start services with `flywheel services up`")
+    uri = s.required_mlflow_uri()
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     ch, cp = models.resolve_version(client, model_name, challenger), models.resolve_version(client, model_name, champion)
     if ch == cp:

@@ -29,9 +29,7 @@ def evaluate_version(model_name: str = "flywheel-chat", version: str = "champion
     """`version` is a number or an alias; `dataset` defaults to the version's own training data (its lineage)."""
     cfg = LifecycleConfig.load(preset, overrides)
     s = load_settings()
-    uri = s.mlflow_tracking_uri
-    if not uri:
-        raise RuntimeError("MLFLOW_TRACKING_URI is not set: start services with `flywheel services up`")
+    uri = s.required_mlflow_uri()
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     number = models.resolve_version(client, model_name, version)
     tags = client.get_model_version(model_name, number).tags

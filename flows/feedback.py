@@ -167,9 +167,7 @@ def feedback_flow(name: str = "flywheel-chat", preset: str = "tiny", overrides: 
     """One round on every label so far, whatever their number; parameters are editable in the Prefect UI."""
     cfg = LifecycleConfig.load(preset, [*(overrides or []), f"promote.model_name={name}"])  # the gate's model
     s = load_settings()
-    uri = s.mlflow_tracking_uri
-    if not uri:
-        raise RuntimeError("MLFLOW_TRACKING_URI is not set: start services with `flywheel services up`")
+    uri = s.required_mlflow_uri()
     logger = get_run_logger()
     with _round_lock():
         timings: dict[str, float] = {}

@@ -224,9 +224,7 @@ def lifecycle(preset: str = "tiny", overrides: list[str] | None = None) -> dict[
     """The whole loop on one preset. Parameters are editable from the Prefect UI."""
     cfg = LifecycleConfig.load(preset, overrides)  # fails fast on any config typo
     s = load_settings()
-    mlflow_uri = s.mlflow_tracking_uri
-    if not mlflow_uri:
-        raise RuntimeError("MLFLOW_TRACKING_URI is not set: start services with `flywheel services up`")
+    mlflow_uri = s.required_mlflow_uri()
     stamp, commit = time.strftime("%Y%m%d-%H%M%S"), git_commit()
     parent = start_run(mlflow_uri, EXPERIMENT, f"lifecycle-{stamp}",
                        tags={"prefect.flow_run_id": str(flow_run.id or ""), "git.commit": commit, "preset": preset})

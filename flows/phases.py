@@ -42,9 +42,7 @@ from stages.checkpoint import git_commit
 def phase_context(phase: str, cfg: LifecycleConfig) -> Iterator[lc.RunContext]:
     """A RunContext like the lifecycle's: an MLflow parent run and a new run folder, closed with a status."""
     s = load_settings()
-    uri = s.mlflow_tracking_uri
-    if not uri:
-        raise RuntimeError("MLFLOW_TRACKING_URI is not set: start services with `flywheel services up`")
+    uri = s.required_mlflow_uri()
     stamp, commit = time.strftime("%Y%m%d-%H%M%S"), git_commit()
     parent = start_run(uri, lc.EXPERIMENT, f"{phase}-{stamp}",
                        tags={"prefect.flow_run_id": str(flow_run.id or ""), "git.commit": commit,
@@ -171,7 +169,5 @@ def promote(checkpoint: str | None = None, dataset: str | None = None, preset: s
 @flow(name="phase-serve", log_prints=True, validate_parameters=False)
 def serve(model_name: str = "flywheel-chat", timeout_s: float = 900.0) -> dict[str, str]:
     """Make sure the champion of `model_name` is served (vLLM behind the alias-following router)."""
-    uri = load_settings().mlflow_tracking_uri
-    if not uri:
-        raise RuntimeError("MLFLOW_TRACKING_URI is not set: start services with `flywheel services up`")
+    uri = load_settings().required_mlflow_uri()
     return serve_flow(model_name, uri, timeout_s)

@@ -92,9 +92,7 @@ def queue_fill_flow(name: str = "flywheel-chat", prompts_file: str | None = None
     cfg = LifecycleConfig.load(preset, overrides).build("queue")
     n = n or cfg.n
     s = load_settings()
-    uri = s.mlflow_tracking_uri
-    if not uri:
-        raise RuntimeError("MLFLOW_TRACKING_URI is not set: start services with `flywheel services up`")
+    uri = s.required_mlflow_uri()
     logger = get_run_logger()
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     champion, challenger = sides(client, name)

@@ -68,6 +68,12 @@ class Settings:
     def mlflow_tracking_uri(self) -> str | None:
         return os.environ.get("MLFLOW_TRACKING_URI") or None
 
+    def required_mlflow_uri(self) -> str:
+        """The tracking URI, for code that cannot run without MLflow (every flow)."""
+        if not self.mlflow_tracking_uri:
+            raise RuntimeError("MLFLOW_TRACKING_URI is not set: start services with `flywheel services up`")
+        return self.mlflow_tracking_uri
+
     @property
     def serving_url(self) -> str | None:
         """The OpenAI base URL of serving that runs elsewhere (then nothing is started here)."""

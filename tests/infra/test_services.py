@@ -116,3 +116,9 @@ def test_prefect_ui_is_told_its_own_api_url(services):
     """The UI page asks /ui-settings where the API is: it must be this server, not the default :4200."""
     settings = httpx.get(f"{services['prefect_ui']}/ui-settings", timeout=10).json()
     assert settings["api_url"] == services["prefect"]
+
+
+def test_flows_without_mlflow_are_told_how_to_start_it(own_settings):
+    # own_settings has MLFLOW_TRACKING_URI removed: what every flow checks before it starts.
+    with pytest.raises(RuntimeError, match="MLFLOW_TRACKING_URI is not set: start services with `flywheel services up`"):
+        own_settings.required_mlflow_uri()
