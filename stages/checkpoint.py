@@ -40,9 +40,10 @@ def git_commit() -> str:
 
 
 def generation_config(tokenizer) -> GenerationConfig:
-    # A chat turn ends with <|end|>; a pretraining document with the bos/eos token.
-    stop = [tokenizer.convert_tokens_to_ids(t) for t in ("<|end|>", tokenizer.bos_token) if t in tokenizer.get_vocab()]
-    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=stop or tokenizer.eos_token_id,
+    # A chat turn ends with the tokenizer's eos (the template's end-of-turn token: `<|end|>` for ours, and
+    # stages/base_model.py makes it so for a foreign base); a pretraining document with the bos token.
+    stop = list(dict.fromkeys(t for t in (tokenizer.eos_token_id, tokenizer.bos_token_id) if t is not None))
+    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=stop or None,
                             pad_token_id=tokenizer.pad_token_id, do_sample=False, max_new_tokens=64)
 
 
