@@ -5,6 +5,10 @@
 
 Any of them loads with `AutoModelForCausalLM.from_pretrained(dir)`. Directories are written under a
 temporary name and renamed last, so a crash mid-save never leaves a checkpoint that looks complete.
+
+A LoRA/QLoRA policy (stages/lora.py) is saved merged (base + scale * B @ A, full precision) so the
+directory stays a plain model for every reader, with the adapter itself under `adapter/` (peft's
+format, for vLLM's LoRA hot-loading over the parent model).
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from stages import lora
 from stages.dataset import atomic_dir, commit_dir
 
 hf_logging.disable_progress_bar()  # no "Writing model shards" bar on every checkpoint
 
 META = "meta.json"
 TRAINER_STATE = "trainer_state.pt"
+ADAPTER = "adapter"
 
 
 def git_commit() -> str:
@@ -49,12 +55,17 @@ def generation_config(tokenizer) -> GenerationConfig:
 
 def save_checkpoint(path: Path, model: PreTrainedModel, tokenizer, meta: dict[str, Any],
                     trainer_state: dict[str, Any] | None = None) -> Path:
-    """Write an HF directory + meta.json (+ trainer state) atomically at `path`."""
+    """Write an HF directory + meta.json (+ trainer state) atomically at `path`; a peft model is written
+    merged, plus its adapter under `adapter/`."""
     path = Path(path)
     tmp = atomic_dir(path)
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
-    model.generation_config = generation_config(tokenizer)
-    model.save_pretrained(tmp, safe_serialization=True)
+    plain = lora.merged(model)
+    plain.generation_config = generation_config(tokenizer)
+    plain.save_pretrained(tmp, safe_serialization=True)
+    if plain is not model:
+        model.save_pretrained(tmp / ADAPTER, safe_serialization=True)
+        meta = {**meta, "adapter": ADAPTER}
     tokenizer.save_pretrained(tmp)
     meta = {"saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": git_commit(), **meta}
     (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
@@ -89,6 +100,16 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> PreTrainedMode
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.config._attn_implementation = "sdpa"
     return model.to(device)
+
+
+def load_policy(path: Path, lora_cfg: lora.LoraConfig | None = None, *, device: str | torch.device = "cpu",
+                where: str = "lora", seed: int = 0) -> torch.nn.Module:
+    """The policy a tuning stage starts from: the checkpoint, in 4-bit NF4 when `lora_cfg.quantize` says
+    so (CUDA only; `where` names the config key in the error), with a LoRA adapter when `lora_cfg.r > 0`."""
+    lora_cfg = lora_cfg or lora.LoraConfig()
+    lora.check_device(lora_cfg, torch.device(device), where)
+    model = lora.load_4bit(path, torch.device(device)) if lora_cfg.quantize == "4bit" else load_model(path, device)
+    return lora.apply(model, lora_cfg, seed=seed)
 
 
 def load_tokenizer(path: Path):

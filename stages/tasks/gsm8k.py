@@ -2,6 +2,8 @@
 
 `python -c "from stages.tasks.gsm8k import load_gsm8k; print(load_gsm8k('../shared/datasets/gsm8k/train.jsonl', 1))"`
 
+`sft_records` turns problems into the `messages` records SFT trains on (`flywheel stage sft gsm8k=FILE ...`).
+
 The reference reasoning carries calculator annotations (`48/2 = <<48/2=24>>24`) that the original
 authors used to drive a calculator at sampling time; they are stripped here, since no model of ours
 is trained to emit them. Scoring is exact match of the final number after normalization (commas,
@@ -129,3 +131,16 @@ def load_gsm8k(path: Path, limit: int | None = None) -> list[GSM8KProblem]:
     if not problems:
         raise GSM8KFormatError(f"{path}: no problems (the file is empty)")
     return problems
+
+
+def sft_records(problems: list[GSM8KProblem]) -> list[dict]:
+    """SFT `messages` records: the question as the user's turn, the reference solution as the
+    assistant's in the format the rewards check (`<think>reasoning</think> <answer>number</answer>`).
+
+    >>> p = GSM8KProblem(id="train:1", question="2 + 3?", answer="5", reasoning="2 + 3 = 5")
+    >>> sft_records([p])[0]["messages"][1]["content"]
+    '<think>2 + 3 = 5</think> <answer>5</answer>'
+    """
+    return [{"messages": [{"role": "user", "content": p.question},
+                          {"role": "assistant", "content": f"<think>{p.reasoning}</think> <answer>{p.answer}</answer>"}],
+             "task_type": "closed_qa", "id": p.id} for p in problems]
