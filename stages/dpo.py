@@ -1,10 +1,17 @@
 """Direct Preference Optimization against a frozen copy of the starting policy.
 
     flywheel stage dpo dataset=data/clean policy=<sft checkpoint> output_dir=/tmp/dpo beta=0.1
+    flywheel stage dpo ... loss_type=ipo beta=0.5           # IPO
+    flywheel stage dpo ... label_smoothing=0.1              # conservative DPO (cDPO)
 
 Pairs come from `pairs` (JSONL or Parquet with prompt, chosen, rejected: the human labels of the
 annotation page) or, by default, are synthesised from the arithmetic train split: the chosen answer
 is correct and well formatted, the rejected one is wrong or unformatted.
+
+Variants: `loss_type=ipo` (Azar et al.: a squared loss that pulls the per-token log-ratio margin to
+1/(2 beta) instead of pushing it to infinity, so it cannot overfit deterministic preferences) and
+`label_smoothing=eps` (Mitchell's conservative DPO: each label is taken as wrong with probability
+eps). `precompute_ref=true` scores every pair under the reference once, then frees the reference.
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ from stages.config import to_dict
 from stages.rollout import pad_right, token_logprobs
 from stages.tasks.arithmetic import Problem, target
 from stages.tracking import NullTracker, Tracker
-from stages.train_loop import TrainConfig, pick_device, tune_policy
+from stages.train_loop import TrainConfig, autocast, pick_device, tune_policy
+
+LOSS_TYPES = ("sigmoid", "ipo")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +46,9 @@ class DPOConfig:
     # Weight of an NLL term on the chosen answers (as in RPO). Pure DPO (0) can lower the
     # likelihood of both answers when they share most tokens; the NLL term anchors the chosen one.
     nll_weight: float = 0.0
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0  # cDPO's eps, sigmoid loss only
+    precompute_ref: bool = False  # reference log-probs of every pair once, then no reference model
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=50, lr=2e-4, warmup_steps=5))
     batch_size: int = 8
     lineage: dict = field(default_factory=dict)
@@ -46,6 +58,11 @@ class DPOConfig:
             raise ValueError("dpo: set `dataset` (synthetic pairs) or `pairs` (a preference file)")
         if self.beta <= 0:
             raise ValueError(f"dpo.beta must be > 0, got {self.beta}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"dpo.loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+        if not 0 <= self.label_smoothing < 0.5 or (self.label_smoothing and self.loss_type != "sigmoid"):
+            raise ValueError(f"dpo.label_smoothing must be in [0, 0.5) and needs loss_type=sigmoid, "
+                             f"got {self.label_smoothing} with {self.loss_type}")
 
 
 @dataclass(frozen=True)
@@ -55,17 +72,35 @@ class DPOResult:
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sigmoid DPO loss from summed response log-probs; returns (mean loss, chosen rewards, rejected rewards).
+             ref_rejected: torch.Tensor, beta: float, *, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+             chosen_tokens: torch.Tensor | None = None, rejected_tokens: torch.Tensor | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPO-family loss from summed response log-probs; returns (mean loss, chosen rewards, rejected rewards).
+
+    sigmoid: -(1-eps) log s(beta m) - eps log s(-beta m), m the margin of log-ratios (eps = 0: DPO).
+    ipo: (m / tokens - 1/(2 beta))^2 with per-token log-ratios (needs the response token counts).
 
     >>> t = torch.tensor
     >>> loss, _, _ = dpo_loss(t([0.0]), t([0.0]), t([0.0]), t([0.0]), beta=0.1)
     >>> round(loss.item(), 4)  # log 2: no preference yet
     0.6931
+    >>> ipo, _, _ = dpo_loss(t([0.0]), t([0.0]), t([0.0]), t([0.0]), beta=0.5, loss_type="ipo",
+    ...                      chosen_tokens=t([2.0]), rejected_tokens=t([2.0]))
+    >>> ipo.item()  # (0 - 1/(2 * 0.5))^2
+    1.0
     """
-    chosen_reward = beta * (policy_chosen - ref_chosen)
-    rejected_reward = beta * (policy_rejected - ref_rejected)
-    loss = -F.logsigmoid(chosen_reward - rejected_reward).mean()
+    chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    chosen_reward, rejected_reward = beta * chosen_ratio, beta * rejected_ratio
+    if loss_type == "sigmoid":
+        margin = chosen_reward - rejected_reward
+        loss = (-(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)).mean()
+    elif loss_type == "ipo":
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("ipo needs chosen_tokens and rejected_tokens (its log-ratios are per token)")
+        per_token = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
+        loss = ((per_token - 1 / (2 * beta)) ** 2).mean()
+    else:
+        raise ValueError(f"unknown dpo loss_type {loss_type!r}")
     return loss, chosen_reward.detach(), rejected_reward.detach()
 
 
@@ -108,22 +143,39 @@ def run(cfg: DPOConfig, tracker: Tracker | None = None) -> DPOResult:
     encoded = [(prompt_and_response(tokenizer, p["prompt"], p["chosen"]),
                 prompt_and_response(tokenizer, p["prompt"], p["rejected"])) for p in pairs]
     tracker.log_params({"stage": "dpo", **to_dict(cfg), "data/pairs": len(pairs)})
+    ref_table: dict[str, torch.Tensor] = {}  # side -> reference log-prob of every pair (precompute_ref)
+
+    def reference_logprobs(rows: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+        ids, attn, mask = pad_right([r[0] for r in rows], tokenizer.pad_token_id, [r[1] for r in rows])
+        with torch.no_grad(), autocast(cfg.train, device):
+            return summed_logprobs(reference, ids.to(device), attn.to(device), mask.to(device)).float().cpu()
+
+    def precompute() -> None:
+        nonlocal reference
+        for side, j in (("chosen", 0), ("rejected", 1)):
+            ref_table[side] = torch.cat([reference_logprobs([p[j] for p in encoded[lo:lo + cfg.batch_size]])
+                                         for lo in range(0, len(encoded), cfg.batch_size)])
+        reference = None  # no longer needed: its memory goes back to the policy
 
     def batch_at(step: int) -> dict[str, torch.Tensor]:
+        if cfg.precompute_ref and not ref_table:
+            precompute()
         rng = np.random.default_rng([cfg.train.seed, step])
-        picked = [encoded[i] for i in rng.integers(0, len(encoded), size=cfg.batch_size)]
+        indices = rng.integers(0, len(encoded), size=cfg.batch_size)
+        picked = [encoded[i] for i in indices]
         batch = {}
         for side, j in (("chosen", 0), ("rejected", 1)):
             ids, attn, mask = pad_right([p[j][0] for p in picked], tokenizer.pad_token_id, [p[j][1] for p in picked])
-            with torch.no_grad():
-                ref = summed_logprobs(reference, ids.to(device), attn.to(device), mask.to(device)).cpu()
+            ref = ref_table[side][indices] if ref_table else reference_logprobs([p[j] for p in picked])
             batch |= {f"{side}_input_ids": ids, f"{side}_attention_mask": attn, f"{side}_mask": mask, f"ref_{side}": ref}
         return batch
 
     def loss_fn(m, b):
         chosen = summed_logprobs(m, b["chosen_input_ids"], b["chosen_attention_mask"], b["chosen_mask"])
         rejected = summed_logprobs(m, b["rejected_input_ids"], b["rejected_attention_mask"], b["rejected_mask"])
-        loss, rc, rr = dpo_loss(chosen, rejected, b["ref_chosen"], b["ref_rejected"], cfg.beta)
+        loss, rc, rr = dpo_loss(chosen, rejected, b["ref_chosen"], b["ref_rejected"], cfg.beta,
+                                loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+                                chosen_tokens=b["chosen_mask"][:, 1:].sum(-1), rejected_tokens=b["rejected_mask"][:, 1:].sum(-1))
         if cfg.nll_weight:
             loss = loss - cfg.nll_weight * (chosen / b["chosen_mask"][:, 1:].sum(-1)).mean()
         return loss, {"dpo/reward_margin": (rc - rr).mean().item(), "dpo/accuracy": (rc > rr).float().mean().item()}

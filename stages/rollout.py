@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def pad_right(seqs: list[list[int]], pad_id: int, masks: list[list[int]] | None = None
@@ -26,10 +26,31 @@ def pad_right(seqs: list[list[int]], pad_id: int, masks: list[list[int]] | None 
     return ids, attn, loss
 
 
-def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """log p(token_t | tokens_<t) for t = 1..T-1, shape [B, T-1] (fp32)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    return torch.gather(F.log_softmax(logits, dim=-1), 2, input_ids[:, 1:, None]).squeeze(-1)
+def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                   temperature: float = 1.0, chunk_rows: int = 4) -> torch.Tensor:
+    """log p(token_t | tokens_<t) for t = 1..T-1 under softmax(logits / temperature), shape [B, T-1] (fp32).
+
+    The temperature must be the one the tokens were sampled at, or PPO/GRPO ratios and KLs are off.
+    A selective log-softmax: the chosen token's logit minus the row's logsumexp, a few rows at a time,
+    so no fp32 copy of the [B, T, vocab] distribution ever exists (about 6 GB per copy at 124M).
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    targets = input_ids[:, 1:]
+    scale = 1.0 / temperature if temperature > 0 else 1.0  # greedy (T=0) samples are scored at T=1
+    out = []
+    for lo in range(0, logits.shape[0], chunk_rows):
+        rows, chosen = logits[lo:lo + chunk_rows], targets[lo:lo + chunk_rows]
+        if torch.is_grad_enabled() and rows.requires_grad:
+            # Recomputed in backward, so the fp32 chunk is not kept alive for logsumexp's gradient.
+            out.append(checkpoint(_chosen_logprobs, rows, chosen, scale, use_reentrant=False))
+        else:
+            out.append(_chosen_logprobs(rows, chosen, scale))
+    return torch.cat(out)
+
+
+def _chosen_logprobs(logits: torch.Tensor, targets: torch.Tensor, scale: float) -> torch.Tensor:
+    rows = logits.float() * scale
+    return torch.gather(rows, 2, targets[:, :, None]).squeeze(-1) - torch.logsumexp(rows, dim=-1)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:

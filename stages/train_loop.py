@@ -6,21 +6,29 @@
   dimension. Making the batch a pure function of the step (seeded sampling, no iterator state) is
   what makes resume exact: a restarted run asks for the same batches in the same order.
 - `loss_fn(model, micro_batch)` returns `(mean loss, metrics)`; each objective is one such function.
+  A batch may carry `loss_tokens` ([B], the loss-bearing tokens of each row): micro-batches are then
+  weighted by their share of the batch's tokens, so with `grad_accum > 1` the step still optimises
+  the whole batch's token mean (the loss must be its micro-batch's token mean). Without it, rows weight.
 - Distributed data parallel comes for free when `torch.distributed` is initialised (Ray Train does
   that for the pretraining workers): the model is wrapped in DDP and each rank takes its slice of
   every batch. Rank 0 alone logs, shows progress and writes checkpoints.
-- Checkpoints hold the model (HF format), the optimizer, the scheduler and the RNG states; a resumed
-  run reproduces an uninterrupted one step for step.
+- Checkpoints hold the model (HF format), the optimizer, the scheduler, the RNG states and the trainable
+  parameters as the live module names them (so a LoRA adapter or a policy+value pair resumes without
+  special code); a resumed run reproduces an uninterrupted one step for step. A stage whose `final/`
+  already exists is returned as it is: a retry of a finished stage trains nothing and rewrites nothing.
+- Every log window is a line of `<output_dir>/metrics.jsonl` (step and every logged value), so a run's
+  curve can be read without MLflow.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import random
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +51,7 @@ LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]
 
 # Dense bf16 peak FLOP/s used for MFU; per-device figures from the vendors' data sheets.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
+METRICS_LOG = "metrics.jsonl"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,6 +117,16 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
+def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+
+def autocast(cfg: TrainConfig, device: torch.device) -> AbstractContextManager:
+    """The precision the loss runs under. Reference and "old" log-probs are taken under it too: in fp32
+    beside a bf16 loss the PPO ratio is not 1 and the k3 KL not 0 at the very first update."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(cfg, device))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -143,6 +162,50 @@ def _slice(batch: Batch, start: int, stop: int, stride: int = 1) -> Batch:
     return {k: v[start:stop:stride] for k, v in batch.items()}
 
 
+def micro_batch_weight(mb: Batch, global_batch: Batch, world: int) -> float:
+    """Weight of a micro-batch's mean loss in the step's loss: its share of the global batch's loss
+    tokens (or rows), times `world` because DDP averages the ranks' gradients.
+
+    >>> b = {"loss_tokens": torch.tensor([3, 1])}
+    >>> micro_batch_weight({"loss_tokens": torch.tensor([3])}, b, 1)  # 3 of 4 tokens, not 1 of 2 rows
+    0.75
+    """
+    if "loss_tokens" in global_batch:
+        return float(mb["loss_tokens"].sum()) * world / max(float(global_batch["loss_tokens"].sum()), 1.0)
+    return next(iter(mb.values())).shape[0] * world / next(iter(global_batch.values())).shape[0]
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def restore_trainable(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    live = dict(model.named_parameters())
+    wanted = {n for n, p in live.items() if p.requires_grad}
+    if set(saved) != wanted:
+        raise ValueError(f"checkpoint holds {len(saved)} trainable tensors, the model has {len(wanted)}: "
+                         f"missing {sorted(wanted - set(saved))[:3]}, unexpected {sorted(set(saved) - wanted)[:3]}")
+    with torch.no_grad():
+        for n, value in saved.items():
+            live[n].copy_(value)
+
+
+def read_metrics_log(output_dir: Path) -> list[dict[str, float]]:
+    path = Path(output_dir) / METRICS_LOG
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _start_metrics_log(output_dir: Path, start: int) -> list[dict[str, float]]:
+    """Keep the windows up to the resumed step (a killed run may have logged past its last checkpoint)."""
+    kept = [row for row in read_metrics_log(output_dir) if row["step"] <= start]
+    path = Path(output_dir) / METRICS_LOG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+    return kept
+
+
 def _peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -169,6 +232,12 @@ def train(
     rank, world = dist_info()
     device = pick_device()
     output_dir = Path(output_dir)
+    finished = _finished(output_dir, cfg)
+    if finished is not None:
+        if rank == 0:
+            log.info("%s: %s is already complete (step %d); returned as it is", desc, ckpt.final_dir(output_dir),
+                     cfg.max_steps)
+        return finished
     seed_everything(cfg.seed)
 
     model.to(device)
@@ -178,8 +247,7 @@ def train(
     resume_from = ckpt.latest_checkpoint(output_dir)
     if resume_from is not None:
         state = ckpt.load_trainer_state(resume_from)
-        weights = ckpt.load_model(resume_from).state_dict()
-        model.load_state_dict(weights)
+        restore_trainable(model, state["trainable"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
@@ -188,7 +256,6 @@ def train(
             log.info("%s: resuming from %s (step %d)", desc, resume_from, start)
 
     raw_model = model
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
         model = torch.compile(model)
     if world > 1:
@@ -196,7 +263,7 @@ def train(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     peak = _peak_flops(device)
 
-    history: list[dict[str, float]] = []
+    history = _start_metrics_log(output_dir, start) if rank == 0 else []
     last: dict[str, float] = {}
     bar = tqdm(total=cfg.max_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True,
                disable=rank != 0 or not cfg.progress, mininterval=1.0)
@@ -214,13 +281,14 @@ def train(
             mb = {k: v.to(device, non_blocking=True) for k, v in _slice(local, lo, lo + micro).items()}
             is_last = lo + micro >= n
             sync = model.no_sync() if (world > 1 and not is_last) else nullcontext()
-            weight = mb_size_fraction(mb, n)
-            with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            weight = micro_batch_weight(mb, global_batch, world)
+            with sync, autocast(cfg, device):
                 loss, metrics = loss_fn(model, mb)
                 (loss * weight).backward()
-            total_loss += loss.item() * weight
+            share = weight / world  # this rank's part of the step's mean, for the logs
+            total_loss += loss.item() * share
             for k, v in metrics.items():
-                step_metrics[k] = step_metrics.get(k, 0.0) + v * weight
+                step_metrics[k] = step_metrics.get(k, 0.0) + v * share
             window_tokens += sum(int(v.numel()) for k, v in mb.items() if k.endswith("input_ids")) * world
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -246,6 +314,8 @@ def train(
                 last.update(_run_eval(evaluate, raw_model))
             if rank == 0:
                 history.append({"step": done, **last})
+                with open(output_dir / METRICS_LOG, "a") as f:
+                    f.write(json.dumps({"step": done, **last}) + "\n")
                 tracker.log_metrics(last, step=done)
                 shown = {"loss": f"{last['train/loss']:.3f}", "tok_s": f"{tps:,.0f}"}
                 if "rl/reward_mean" in last:  # an RL loss hovers near 0 by design; the reward is the news
@@ -270,9 +340,14 @@ def train(
     return TrainResult(step=cfg.max_steps, metrics=final_metrics, history=history)
 
 
-def mb_size_fraction(mb: Batch, n: int) -> float:
-    """Weight of a micro-batch in the step's mean loss (micro-batches may be uneven)."""
-    return next(iter(mb.values())).shape[0] / n
+def _finished(output_dir: Path, cfg: TrainConfig) -> TrainResult | None:
+    if not ckpt.is_complete(output_dir):
+        return None
+    meta = ckpt.read_meta(ckpt.final_dir(output_dir))
+    if meta.get("step") != cfg.max_steps:
+        raise ValueError(f"{ckpt.final_dir(output_dir)} holds a finished run of {meta.get('step')} steps, not "
+                         f"train.max_steps={cfg.max_steps}: use a new output_dir to train again")
+    return TrainResult(step=cfg.max_steps, metrics=dict(meta.get("metrics", {})), history=read_metrics_log(output_dir))
 
 
 def _run_eval(evaluate, model) -> dict[str, float]:
@@ -287,7 +362,7 @@ def _run_eval(evaluate, model) -> dict[str, float]:
 def _save(path, model, tokenizer, meta, optimizer, scheduler, step, rank, world) -> None:
     if rank == 0:
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": _rng_state(), "step": step}
+                 "rng": _rng_state(), "step": step, "trainable": trainable_state(model)}
         ckpt.save_checkpoint(path, model, tokenizer, {**meta, "step": step}, trainer_state=state)
     if world > 1:
         dist.barrier()
