@@ -15,6 +15,7 @@ from __future__ import annotations
 import doctest
 import math
 from collections import defaultdict
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -70,7 +71,7 @@ def test_dpo_doctest() -> None:
 
 
 def _trl_dpo_loss(policy_tok: torch.Tensor, mask: torch.Tensor, ref_chosen: torch.Tensor,
-                  ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict]:
+                  ref_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid") -> tuple[torch.Tensor, dict]:
     """TRL's sigmoid DPO loss (`DPOTrainer._compute_loss`) on given per-token log-probs.
 
     policy_tok: [2B, T-1] per-token log-probs, rows [chosen..., rejected...]; mask: [2B, T] completion mask.
@@ -88,7 +89,7 @@ def _trl_dpo_loss(policy_tok: torch.Tensor, mask: torch.Tensor, ref_chosen: torc
     metrics = {"train": defaultdict(list)}
     fake = SimpleNamespace(
         model=SimpleNamespace(training=True), accelerator=_SingleProcessAccelerator(), aux_loss_enabled=False,
-        ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=["sigmoid"],
+        ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type],
         loss_weights=[1.0], beta=beta, use_weighting=False, label_smoothing=0.0, _metrics=metrics,
         _total_train_tokens=0, _tp_size=1)
     inputs = {"input_ids": torch.zeros(n, width, dtype=torch.long),
@@ -121,6 +122,41 @@ def test_dpo_loss_matches_trl_sigmoid_loss() -> None:
     assert rc.mean().item() == pytest.approx(trl_metrics["rewards/chosen"][-1], abs=1e-6)
     assert rr.mean().item() == pytest.approx(trl_metrics["rewards/rejected"][-1], abs=1e-6)
     assert (rc > rr).float().mean().item() == pytest.approx(trl_metrics["rewards/accuracies"][-1])
+
+
+def test_ipo_matches_trl() -> None:
+    pytest.importorskip("trl")
+    g = torch.Generator().manual_seed(1)
+    pairs, width, beta = 5, 9, 0.5
+    per_token = (-torch.rand(2 * pairs, width - 1, generator=g) * 3).requires_grad_(True)
+    mask = torch.zeros(2 * pairs, width, dtype=torch.long)
+    for i in range(2 * pairs):  # responses of different lengths: IPO's per-token normalisation matters
+        mask[i, 2:2 + int(torch.randint(1, width - 2, (1,), generator=g))] = 1
+    ref = -torch.rand(2 * pairs, generator=g) * 10
+    summed = (per_token * mask[:, 1:]).sum(-1)
+    tokens = mask[:, 1:].sum(-1)
+    ours, _, _ = dpo_loss(summed[:pairs], summed[pairs:], ref[:pairs], ref[pairs:], beta, loss_type="ipo",
+                          chosen_tokens=tokens[:pairs], rejected_tokens=tokens[pairs:])
+    (grad_ours,) = torch.autograd.grad(ours, per_token)
+    theirs, _ = _trl_dpo_loss(per_token, mask, ref[:pairs], ref[pairs:], beta, loss_type="ipo")
+    (grad_theirs,) = torch.autograd.grad(theirs, per_token)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-6)
+    torch.testing.assert_close(grad_ours, grad_theirs)
+
+
+def test_conservative_dpo_hand_values() -> None:
+    # cDPO with eps = 0.25 at margin beta*m = 1: -(0.75 log s(1) + 0.25 log s(-1)); its gradient
+    # vanishes where s(beta m) = 1 - eps, so the margin stops growing instead of running to infinity.
+    t = torch.tensor
+    loss, _, _ = dpo_loss(t([1.0]), t([-1.0]), t([0.0]), t([0.0]), beta=0.5, label_smoothing=0.25)
+    sig = 1 / (1 + math.exp(-1.0))
+    assert loss.item() == pytest.approx(-(0.75 * math.log(sig) + 0.25 * math.log(1 - sig)), abs=1e-6)
+    at = math.log(0.75 / 0.25)  # s(x) = 0.75
+    pc = t([at], requires_grad=True)
+    dpo_loss(pc, t([0.0]), t([0.0]), t([0.0]), beta=1.0, label_smoothing=0.25)[0].backward()
+    assert pc.grad.item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dpo.DPOConfig(policy=Path("p"), output_dir=Path("o"), dataset=Path("d"), loss_type="ipo", label_smoothing=0.1)
 
 
 # --- GRPO ------------------------------------------------------------------------------------
@@ -216,24 +252,27 @@ def test_grpo_k3_is_an_unbiased_estimate_of_kl() -> None:
     assert (pi * k3).sum().item() == pytest.approx(F.kl_div(ref.log(), pi, reduction="sum").item(), rel=1e-5)
 
 
-def _trl_grpo_loss(logp, old, ref, adv, mask, eps, beta) -> tuple[torch.Tensor, dict]:
-    """TRL's GRPO loss (`GRPOTrainer._compute_loss`, loss_type="grpo", token-level ratios)."""
+def _trl_grpo_loss(logp, old, ref, adv, mask, eps, beta, *, loss_type="grpo", eps_high=None, max_len=None
+                   ) -> tuple[torch.Tensor, dict]:
+    """TRL's GRPO-family loss (`GRPOTrainer._compute_loss`, token-level ratios)."""
     from trl.trainer.grpo_trainer import GRPOTrainer
 
     metrics = {"train": defaultdict(list)}
     fake = SimpleNamespace(
         model=SimpleNamespace(training=True), accelerator=_SingleProcessAccelerator(), aux_loss_enabled=False,
         top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token", beta=beta,
-        loss_type="grpo", epsilon_low=eps, epsilon_high=eps, use_vllm=False,
+        loss_type=loss_type, epsilon_low=eps, epsilon_high=eps_high or eps, use_vllm=False,
+        max_completion_length=max_len or logp.shape[1],
         vllm_importance_sampling_correction=False, current_gradient_accumulation_steps=1,
         _entropy_bonus_enabled=False, _metrics=metrics,
-        args=SimpleNamespace(use_bias_correction_kl=False, delta=None),
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
         _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.zeros_like(logp), None))
     rows, width = logp.shape
     inputs = {"prompt_ids": torch.zeros(rows, 3, dtype=torch.long),
               "prompt_mask": torch.ones(rows, 3, dtype=torch.long),
               "completion_ids": torch.zeros(rows, width, dtype=torch.long), "completion_mask": mask,
-              "advantages": adv, "old_per_token_logps": old, "ref_per_token_logps": ref}
+              "advantages": adv, "old_per_token_logps": old, "ref_per_token_logps": ref,
+              "num_items_in_batch": mask.sum().float()}
     return GRPOTrainer._compute_loss(fake, None, inputs), metrics["train"]
 
 
@@ -256,6 +295,64 @@ def test_grpo_loss_matches_trl(kl_coef: float) -> None:
     assert (grad_ours != 0).any()
     if kl_coef:
         assert metrics["rl/kl"] == pytest.approx(trl_metrics["kl"][-1], rel=1e-5)
+
+
+@pytest.mark.parametrize(("loss_type", "eps_high"), [("grpo", 0.28), ("dr_grpo", None), ("dapo", 0.28)])
+def test_grpo_variants_match_trl(loss_type: str, eps_high: float | None) -> None:
+    # Dr. GRPO's constant normaliser (max_completion_length = 10, wider than the mask) and DAPO's
+    # batch token mean and clip-higher, on ratios on both sides of the asymmetric clip.
+    pytest.importorskip("trl")
+    old, mask, adv = _batch(seed=6, rows=6, width=8)
+    g = torch.Generator().manual_seed(7)
+    logp = (old + torch.randn(old.shape, generator=g) * 0.3).requires_grad_(True)
+    ref = old + torch.randn(old.shape, generator=g) * 0.3
+    ours, metrics = grpo_loss(logp, old, ref, adv, mask, clip_eps=0.2, kl_coef=0.04, clip_eps_high=eps_high,
+                              loss_type=loss_type, max_tokens=10)
+    (grad_ours,) = torch.autograd.grad(ours, logp)
+    theirs, trl_metrics = _trl_grpo_loss(logp, old, ref, adv, mask.long(), 0.2, 0.04, loss_type=loss_type,
+                                         eps_high=eps_high, max_len=10)
+    (grad_theirs,) = torch.autograd.grad(theirs, logp)
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-6)
+    torch.testing.assert_close(grad_ours, grad_theirs)
+    assert (grad_ours != 0).any()
+
+
+def test_grpo_clip_fraction_counts_only_where_the_clip_binds() -> None:
+    # Ratios 1.5 and 0.5 with both advantage signs: the clip binds for (1.5, A>0) and (0.5, A<0) only;
+    # with clip-higher 0.6 the ratio 1.5 is inside the region and only (0.5, A<0) binds.
+    old = torch.zeros(4, 1)
+    logp = torch.tensor([[math.log(1.5)], [math.log(1.5)], [math.log(0.5)], [math.log(0.5)]])
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    ones = torch.ones(4, 1)
+    _, m = grpo_loss(logp, old, logp, adv, ones, clip_eps=0.2, kl_coef=0.0)
+    assert m["rl/clip_fraction"] == pytest.approx(0.5)
+    _, m = grpo_loss(logp, old, logp, adv, ones, clip_eps=0.2, kl_coef=0.0, clip_eps_high=0.6)
+    assert m["rl/clip_fraction"] == pytest.approx(0.25)
+
+
+def test_dr_grpo_hand_values() -> None:
+    # No std in the advantage; token sums over the constant max_tokens, so a longer answer with the
+    # same advantage carries proportionally more gradient (GRPO divides each row by its own length).
+    adv = group_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0]), 2, scale=False)
+    assert adv.tolist() == [0.5, -0.5, 0.0, 0.0]
+    logp = torch.zeros(2, 4, requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    loss, _ = grpo_loss(logp, logp.detach(), logp.detach(), torch.tensor([1.0, 1.0]), mask, 0.2, 0.0,
+                        loss_type="dr_grpo", max_tokens=8)
+    assert loss.item() == pytest.approx(-(4 + 1) / 8 / 2)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, -mask / 8 / 2)
+
+
+def test_dapo_token_mean_and_overlong_penalty_hand_values() -> None:
+    logp = torch.zeros(2, 4, requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    loss, _ = grpo_loss(logp, logp.detach(), logp.detach(), torch.tensor([1.0, -1.0]), mask, 0.2, 0.0,
+                        loss_type="dapo")
+    assert loss.item() == pytest.approx(-(4 - 1) / 5)  # one mean over the 5 real tokens
+    assert grpo.overlong_penalty([3, 4, 5, 6], max_len=6, buffer=2, penalty=0.5) == [0.0, 0.0, -0.25, -0.5]
+    assert grpo.overlong_penalty([6], max_len=6, buffer=0) == [0.0]
+    assert grpo.informative_groups(torch.tensor([0.0, 0.0, 1.0, 0.0, 2.0, 2.0]), 2).tolist() == [False, True, False]
 
 
 def test_grpo_loss_matches_the_paper_formula() -> None:
