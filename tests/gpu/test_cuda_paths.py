@@ -94,3 +94,31 @@ def test_alignment_stages_run_on_cuda(corpus, pretrained):
     for r in (s, d, g):
         assert math.isfinite(r.metrics["train/loss"])
     assert tracker.series("rl/kl") and all(math.isfinite(x) for x in tracker.series("rl/kl"))
+
+
+def test_first_grpo_update_has_ratio_one_and_zero_kl_under_bf16_compile(corpus, pretrained, monkeypatch):
+    # On CUDA the loss runs under bf16 autocast and torch.compile. The "old" log-probs are the first
+    # update's own, so the ratio is exactly 1; the reference is scored under the same autocast, so
+    # k3 is ~0 (not exactly: the compiled and eager kernels round differently).
+    from stages import grpo
+    from stages.tracking import RecordingTracker
+    from stages.train_loop import TrainConfig
+
+    root, data, _ = corpus
+    ratios = []
+    real = grpo.grpo_loss
+
+    def spy(logp, old, *args, **kwargs):
+        ratios.append(torch.exp(logp.detach() - old).masked_select(args[2].bool()))
+        return real(logp, old, *args, **kwargs)
+
+    monkeypatch.setattr(grpo, "grpo_loss", spy)
+    tracker = RecordingTracker()
+    grpo.run(grpo.GRPOConfig(dataset=data, policy=pretrained[0].checkpoint, output_dir=root / "grpo-ratio",
+                             group_size=4, prompts_per_step=4, max_new_tokens=16, temperature=0.7,
+                             updates_per_rollout=2,
+                             train=TrainConfig(max_steps=2, lr=1e-5, warmup_steps=0, log_every=1,
+                                               checkpoint_every=2, progress=False)), tracker)
+    assert torch.equal(ratios[0], torch.ones_like(ratios[0]))
+    assert tracker.series("rl/kl")[0] < 1e-3
+    assert tracker.series("rl/clip_fraction")[0] == 0.0
