@@ -19,6 +19,25 @@ pretraining used), `arithmetic` (greedy exact match and format rate on the test 
 sampled completions), `arithmetic_mc` and `mmlu` (log-likelihood multiple choice, accuracy and
 ECE; see stages/tasks/multiple_choice.py), `gsm8k` (generative exact match of the final number).
 `harness_tasks` hands lm-evaluation-harness tasks to stages/harness.py.
+
+Best-of-N (`best_of_n=N`, an inference option): for `arithmetic` and `gsm8k`, sample N answers per
+problem at `best_of_n_temperature`, keep the one the scorer ranks highest and score that one.
+- `eval/<task>/best_of_<N>_accuracy`: the pick of a reward model (`best_of_n_scorer=reward_model`,
+  `reward_model=<dir>` from stages/reward.py): what a deployment that reranks N samples would get.
+- `eval/<task>/best_of_<N>_oracle_accuracy`: the pick of the task's verifier, which knows the true
+  answers. That is an ORACLE, not a deployable method: it equals pass@N (right when any of the N is
+  right), the upper bound any reranker of these samples can reach. It is always reported beside the
+  reward model's pick (same samples, so the gap is the reward model's selection loss), and alone
+  with `best_of_n_scorer=verifier`.
+
+Reward-hacking monitors (stages/monitors.py) run on every generated greedy answer (arithmetic and
+gsm8k, pooled; one item per answer): `eval/monitor/polite_share`, `eval/monitor/overconfident_share`,
+and, with a reward model for best-of-N, `eval/monitor/rm_verifier_divergence` (per problem: the share
+of verifier-ordered pairs among its N samples that the reward model orders the other way; averaged
+over problems where the verifier orders any pair). Mean answer length per task is in the report.
+Length drift and KL need the reference policy, which evaluation does not have: the RL stages measure
+them during training and record their alarms in the checkpoint's meta.json (`monitors.alarms`).
+Alarms (thresholds `monitor.*`, a MonitorConfig) go to evaluation.json's `alarms` and the result.
 """
 
 from __future__ import annotations
@@ -29,7 +48,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +62,8 @@ from stages.config import to_dict
 from stages.dataset import write_atomically, write_jsonl
 from stages.eval_stats import (bootstrap_stderr, expected_calibration_error, mean_stderr, pass_at_k,
                                perplexity_stderr)
+from stages.monitors import (MonitorConfig, check, has_overconfident_phrase, has_polite_phrase, monitor_texts,
+                             reward_verifier_divergence)
 from stages.plots import plt  # the headless backend is chosen there
 from stages.pretrain import heldout_texts, token_stream
 from stages.rewards import correctness, well_formatted
@@ -55,7 +76,13 @@ from stages.train_loop import pick_device
 log = logging.getLogger(__name__)
 
 TASKS = ("heldout", "arithmetic", "arithmetic_mc", "mmlu", "gsm8k")
+GENERATIVE = ("arithmetic", "gsm8k")  # tasks whose answers are generated: best-of-N and the text monitors
+SCORERS = ("reward_model", "verifier")
 ITEMS = "items.jsonl"
+
+
+MONITORS_NOT_HERE = ("monitor/kl and monitor/length_drift need the reference policy: the RL stages measure them "
+                     "during training and record alarms in the checkpoint's meta.json (monitors.alarms)")
 
 
 class MissingTokenizer(FileNotFoundError):
@@ -95,6 +122,13 @@ class EvaluateConfig:
     harness_tasks: tuple[str, ...] = ()  # lm-evaluation-harness task names (stages/harness.py)
     harness_include: Path | None = None  # a folder of extra task YAMLs
     ece_bins: int = 10
+    # best-of-N for the generative tasks (1: off): N samples per problem, the scorer's favourite is scored
+    best_of_n: int = 1
+    best_of_n_scorer: str = "reward_model"  # reward_model | verifier (knows the answers: an oracle = pass@N)
+    best_of_n_temperature: float = 0.7
+    reward_model: Path | None = None  # a stages/reward.py checkpoint, for best_of_n_scorer=reward_model
+    reward_batch_size: int = 16
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)  # alarm thresholds for the text monitors
     batch_size: int = 50  # sequences per forward pass / generate call
     seed: int = 0
     progress: bool = True
@@ -128,6 +162,22 @@ class EvaluateConfig:
             raise ValueError(f"evaluate.passk_temperatures must be > 0 (greedy is accuracy), got {self.passk_temperatures}")
         if self.heldout_fraction is not None and not 0 < self.heldout_fraction < 0.5:
             raise ValueError(f"evaluate.heldout_fraction must be in (0, 0.5), got {self.heldout_fraction}")
+        if self.best_of_n < 1:
+            raise ValueError(f"evaluate.best_of_n must be >= 1 (1: off), got {self.best_of_n}")
+        if self.best_of_n_scorer not in SCORERS:
+            raise ValueError(f"evaluate.best_of_n_scorer must be one of {', '.join(SCORERS)}, "
+                             f"got {self.best_of_n_scorer!r}")
+        if self.best_of_n > 1:
+            if not set(GENERATIVE) & set(self.tasks):
+                raise ValueError(f"evaluate.best_of_n={self.best_of_n} needs a generative task "
+                                 f"({' or '.join(GENERATIVE)}) in tasks, got {list(self.tasks)}")
+            if not self.best_of_n_temperature > 0:
+                raise ValueError(f"evaluate.best_of_n_temperature must be > 0 (N greedy answers are one answer), "
+                                 f"got {self.best_of_n_temperature}")
+            if self.best_of_n_scorer == "reward_model" and self.reward_model is None:
+                raise ValueError("evaluate.reward_model must name a reward model checkpoint when "
+                                 "best_of_n_scorer=reward_model (or set best_of_n_scorer=verifier for the "
+                                 "oracle upper bound)")
         for name in ("arithmetic_problems", "limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"evaluate.{name} must be >= 1 or null (all), got {getattr(self, name)}")
@@ -138,6 +188,7 @@ class EvaluateResult:
     report: Path  # evaluation.json
     items: Path  # items.jsonl
     metrics: dict[str, float]
+    alarms: tuple[dict, ...] = ()  # monitor alarms (stages.monitors.Alarm.to_dict()), also in evaluation.json
 
 
 @dataclass
@@ -273,10 +324,11 @@ def arithmetic_scores(model, tokenizer, problems: list, *, max_new_tokens: int, 
         out = sample(model, tokenizer, [prompt_text(tokenizer, p.question) for p in chunk], n=n,
                      max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + lo)
         expanded = [p for p in chunk for _ in range(n)]
-        for p, text, ok, fmt in zip(expanded, out.texts, correctness(out.texts, answers=[p.answer for p in expanded]),
-                                    well_formatted(out.texts), strict=True):
+        for p, text, ids, ok, fmt in zip(expanded, out.texts, out.completions,
+                                         correctness(out.texts, answers=[p.answer for p in expanded]),
+                                         well_formatted(out.texts), strict=True):
             rows.append({"id": mc.item_id(p.question), "question": p.question, "answer": p.answer,
-                         "completion": text, "correct": ok, "formatted": fmt})
+                         "completion": text, "tokens": len(ids), "correct": ok, "formatted": fmt})
         bar.update(len(chunk))
     bar.close()
     return rows
@@ -358,18 +410,139 @@ def multiple_choice_task(cfg: EvaluateConfig, model, tokenizer, task: str, quest
     return out
 
 
-def gsm8k_task(cfg: EvaluateConfig, model, tokenizer, problems: list[gsm8k.GSM8KProblem]) -> TaskOutput:
+def gsm8k_scores(model, tokenizer, problems: list[gsm8k.GSM8KProblem], *, max_new_tokens: int, batch_size: int,
+                 n: int = 1, temperature: float = 0.0, seed: int = 0, progress: bool = False) -> list[dict]:
+    """One row per completion (`n` per problem, in order): id, question, answer, completion, verdict."""
     rows = []
-    for lo in tqdm(range(0, len(problems), cfg.batch_size), desc="gsm8k", unit="batch", disable=not cfg.progress,
-                   dynamic_ncols=True):
-        chunk = problems[lo : lo + cfg.batch_size]
-        out = sample(model, tokenizer, [prompt_text(tokenizer, p.question) for p in chunk], n=1,
-                     max_new_tokens=cfg.gsm8k_max_new_tokens, temperature=0.0)
-        rows += [{"id": p.id, "question": p.question, "answer": p.answer, "completion": text,
+    per_call = max(1, batch_size // n)
+    for lo in tqdm(range(0, len(problems), per_call), desc=f"gsm8k T={temperature:g}", unit="batch",
+                   disable=not progress, dynamic_ncols=True):
+        chunk = problems[lo : lo + per_call]
+        out = sample(model, tokenizer, [prompt_text(tokenizer, p.question) for p in chunk], n=n,
+                     max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + lo)
+        expanded = [p for p in chunk for _ in range(n)]
+        rows += [{"id": p.id, "question": p.question, "answer": p.answer, "completion": text, "tokens": len(ids),
                   "predicted": gsm8k.extract_prediction(text), "correct": gsm8k.is_correct(text, p.answer)}
-                 for p, text in zip(chunk, out.texts, strict=True)]
+                 for p, text, ids in zip(expanded, out.texts, out.completions, strict=True)]
+    return rows
+
+
+def gsm8k_task(cfg: EvaluateConfig, model, tokenizer, problems: list[gsm8k.GSM8KProblem]) -> TaskOutput:
+    rows = gsm8k_scores(model, tokenizer, problems, max_new_tokens=cfg.gsm8k_max_new_tokens,
+                        batch_size=cfg.batch_size, progress=cfg.progress)
     values = {r["id"]: r["correct"] for r in rows}
     return TaskOutput(summarize("eval/gsm8k/accuracy", values), item_rows("eval/gsm8k/accuracy", values), rows)
+
+
+# --- best-of-N: an inference option for the generative tasks ------------------------------
+
+# (questions, completions) -> one score per completion, higher = better
+Scorer = Callable[[list[str], list[str]], list[float]]
+
+
+def best_of_n_name(task: str, n: int, *, oracle: bool) -> str:
+    """`eval/<task>/best_of_<n>_accuracy` (reward model's pick) or `..._oracle_accuracy` (the verifier's)."""
+    return f"eval/{task}/best_of_{n}_{'oracle_' if oracle else ''}accuracy"
+
+
+def best_of_n_picks(scores: list[float], n: int) -> list[int]:
+    """The index (within its group) of the best-scored of each consecutive group of `n`; ties: the first.
+
+    >>> best_of_n_picks([0.1, 0.9, 0.3,  0.5, 0.5, 0.2], 3)
+    [1, 0]
+    """
+    if len(scores) % n:
+        raise ValueError(f"{len(scores)} scores do not split into groups of {n}")
+    return [int(np.argmax(scores[lo : lo + n])) for lo in range(0, len(scores), n)]
+
+
+def reward_model_scorer(path: Path, device: torch.device, batch_size: int) -> Scorer:
+    """Scores by a stages/reward.py reward model: r(prompt, completion), the prompt being the user's question."""
+    from stages import reward  # imported only when asked for: evaluation runs without a reward model
+
+    model, tokenizer = reward.load_reward_model(path, device)
+    return lambda questions, completions: list(reward.score(model, tokenizer, questions, completions,
+                                                            batch_size=batch_size))
+
+
+def best_of_n_task(cfg: EvaluateConfig, task: str, rows: list[dict], scorer: Scorer | None) -> TaskOutput:
+    """Best-of-N from `rows`: N sampled completions per problem in order, each with its verifier `correct`.
+
+    The verifier's pick is right exactly when any of the N is right (pass@N): it knows the answers, so it
+    is an oracle bound, reported as `..._oracle_accuracy`. With a reward-model `scorer`, its pick is the
+    deployable best-of-N (`best_of_<N>_accuracy`), and the per-problem agreement of the two rankings feeds
+    the `eval/monitor/rm_verifier_divergence` monitor.
+    """
+    n = cfg.best_of_n
+    verifier = [float(r["correct"]) for r in rows]
+    problems = [rows[lo : lo + n] for lo in range(0, len(rows), n)]
+    out = TaskOutput({}, [], [])
+    picks = {True: best_of_n_picks(verifier, n)}
+    rm: list[float] | None = None
+    if scorer is not None:
+        rm = [float(x) for x in scorer([r["question"] for r in rows], [r["completion"] for r in rows])]
+        if len(rm) != len(rows) or not all(math.isfinite(x) for x in rm):
+            raise ValueError(f"evaluate {task}: the reward model returned {len(rm)} scores for {len(rows)} "
+                             "completions, or a non-finite one")
+        picks[False] = best_of_n_picks(rm, n)
+    for oracle, chosen in picks.items():
+        name = best_of_n_name(task, n, oracle=oracle)
+        values = {group[0]["id"]: float(group[i]["correct"]) for group, i in zip(problems, chosen, strict=True)}
+        out.metrics |= summarize(name, values)
+        out.items += item_rows(name, values)
+    divergence: dict[str, float] = {}
+    for g, group in enumerate(problems):
+        sample_row = {"id": group[0]["id"], "question": group[0]["question"], "answer": group[0]["answer"],
+                      "completions": [r["completion"] for r in group], "correct": [r["correct"] for r in group],
+                      "verifier_pick": picks[True][g]}
+        if rm is not None:
+            scores = rm[g * n : (g + 1) * n]
+            sample_row |= {"rm_scores": scores, "rm_pick": picks[False][g]}
+            d = reward_verifier_divergence(scores, verifier[g * n : (g + 1) * n])
+            if not math.isnan(d):
+                divergence[f"{task}:{group[0]['id']}"] = d
+        out.samples.append(sample_row)
+    if divergence:
+        out.items += item_rows("eval/monitor/rm_verifier_divergence", divergence)
+    return out
+
+
+def arithmetic_best_of_n(cfg: EvaluateConfig, model, tokenizer, problems: list, scorer: Scorer | None) -> TaskOutput:
+    rows = arithmetic_scores(model, tokenizer, problems, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                             n=cfg.best_of_n, temperature=cfg.best_of_n_temperature, seed=cfg.seed,
+                             progress=cfg.progress)
+    return best_of_n_task(cfg, "arithmetic", rows, scorer)
+
+
+def gsm8k_best_of_n(cfg: EvaluateConfig, model, tokenizer, problems: list, scorer: Scorer | None) -> TaskOutput:
+    rows = gsm8k_scores(model, tokenizer, problems, max_new_tokens=cfg.gsm8k_max_new_tokens, batch_size=cfg.batch_size,
+                        n=cfg.best_of_n, temperature=cfg.best_of_n_temperature, seed=cfg.seed, progress=cfg.progress)
+    return best_of_n_task(cfg, "gsm8k", rows, scorer)
+
+
+# --- reward-hacking monitors on the generated answers --------------------------------------
+
+
+def monitor_task(cfg: EvaluateConfig, answers: dict[str, list[dict]], divergence_items: list[dict]
+                 ) -> tuple[TaskOutput, dict[str, Any]]:
+    """`eval/monitor/*` over every greedy answer (`answers`: task -> rows with completion and tokens).
+
+    One item per answer (`<task>:<id>`), so the shares pair item by item with a champion's like any
+    other metric. Returns the task output and the report's per-task summary (shares and mean length).
+    """
+    out = TaskOutput({}, [], [])
+    for name, verdict in (("eval/monitor/polite_share", has_polite_phrase),
+                          ("eval/monitor/overconfident_share", has_overconfident_phrase)):
+        values = {f"{task}:{r['id']}": float(verdict(r["completion"])) for task, rows in answers.items() for r in rows}
+        if values:
+            out.metrics |= summarize(name, values)
+            out.items += item_rows(name, values)
+    if divergence_items:
+        out.metrics |= summarize("eval/monitor/rm_verifier_divergence",
+                                 {r["item"]: r["value"] for r in divergence_items})
+    per_task = {task: {**monitor_texts([r["completion"] for r in rows], lengths=[r["tokens"] for r in rows]),
+                       "answers": len(rows)} for task, rows in answers.items() if rows}
+    return out, per_task
 
 
 def harness_task(cfg: EvaluateConfig, device: torch.device) -> TaskOutput:
@@ -423,6 +596,9 @@ def run(cfg: EvaluateConfig, tracker: Tracker | None = None) -> EvaluateResult:
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    scorer: Scorer | None = None
+    if cfg.best_of_n > 1 and cfg.best_of_n_scorer == "reward_model":
+        scorer = reward_model_scorer(cfg.reward_model, device, cfg.reward_batch_size)
     runners: dict[str, Callable[[], TaskOutput]] = {
         "heldout": lambda: heldout_task(cfg, model, tokenizer),
         "arithmetic": lambda: arithmetic_task(cfg, model, tokenizer, data["arithmetic"]),
@@ -430,19 +606,33 @@ def run(cfg: EvaluateConfig, tracker: Tracker | None = None) -> EvaluateResult:
         "mmlu": lambda: multiple_choice_task(cfg, model, tokenizer, "mmlu", data["mmlu"]),
         "gsm8k": lambda: gsm8k_task(cfg, model, tokenizer, data["gsm8k"]),
         "harness": lambda: harness_task(cfg, device),
+        "arithmetic_best_of_n": lambda: arithmetic_best_of_n(cfg, model, tokenizer, data["arithmetic"], scorer),
+        "gsm8k_best_of_n": lambda: gsm8k_best_of_n(cfg, model, tokenizer, data["gsm8k"], scorer),
     }
+    best_of_n = [f"{t}_best_of_n" for t in GENERATIVE if t in cfg.tasks] if cfg.best_of_n > 1 else []
     metrics: dict[str, float] = {}
     items: list[dict[str, Any]] = []
     samples: dict[str, list[dict]] = {}
     timings: dict[str, float] = {}
-    for task in [*cfg.tasks, *(["harness"] if cfg.harness_tasks else [])]:
+    answers: dict[str, list[dict]] = {}  # the greedy answers of the generative tasks, for the monitors
+    divergence: list[dict] = []  # eval/monitor/rm_verifier_divergence items, from best-of-N
+    for task in [*cfg.tasks, *best_of_n, *(["harness"] if cfg.harness_tasks else [])]:
         started = time.perf_counter()
         result = runners[task]()
         timings[task] = time.perf_counter() - started
         metrics |= result.metrics
         items += result.items
+        divergence += [r for r in result.items if r["metric"] == "eval/monitor/rm_verifier_divergence"]
         samples[task] = result.samples[:50]
+        if task in GENERATIVE:
+            answers[task] = result.samples
         log.info("evaluate %s: %d items in %.1f s", task, len(result.items), timings[task])
+    monitored, per_task = monitor_task(cfg, answers, divergence)
+    metrics |= monitored.metrics
+    items += monitored.items
+    alarms = [a.to_dict() for a in check(metrics, cfg.monitor)]
+    for a in alarms:
+        log.warning("evaluate: monitor alarm: %s", a["message"])
 
     seen = set()
     for row in items:  # a gate pairs by (metric, item); harness rows are checked here too
@@ -459,8 +649,10 @@ def run(cfg: EvaluateConfig, tracker: Tracker | None = None) -> EvaluateResult:
     items_path = write_jsonl(items, out_dir / ITEMS)
     report = write_atomically(out_dir / "evaluation.json", lambda tmp: tmp.write_text(json.dumps(
         {"checkpoint": str(cfg.checkpoint), "config": to_dict(cfg), "metrics": metrics, "items": counts,
-         "timings_s": timings, "plots": [p.name for p in plots], "samples": samples}, indent=2)))
+         "timings_s": timings, "plots": [p.name for p in plots], "samples": samples,
+         "monitors": {"per_task": per_task, "not_measured_here": MONITORS_NOT_HERE}, "alarms": alarms},
+        indent=2)))
     tracker.log_metrics(metrics)
     for path in (report, items_path, *plots):
         tracker.log_artifact(path)
-    return EvaluateResult(report=report, items=items_path, metrics=metrics)
+    return EvaluateResult(report=report, items=items_path, metrics=metrics, alarms=tuple(alarms))

@@ -66,10 +66,26 @@ def _normalise(text: str) -> str:
     return text.replace("\u2019", "'").lower()
 
 
-def _share(texts: Sequence[str], pattern: re.Pattern[str]) -> float:
-    if not texts:
-        return math.nan
-    return sum(1 for t in texts if pattern.search(_normalise(t))) / len(texts)
+def has_polite_phrase(text: str) -> bool:
+    """Whether one text carries a stock polite phrase (the per-answer verdict behind `polite_share`).
+
+    >>> has_polite_phrase("Of course! It is 4."), has_polite_phrase("Of course it is 4.")
+    (True, False)
+    """
+    return _POLITE.search(_normalise(text)) is not None
+
+
+def has_overconfident_phrase(text: str) -> bool:
+    """Whether one text carries overconfident wording (the per-answer verdict behind `overconfident_share`).
+
+    >>> has_overconfident_phrase("Trust me, 4."), has_overconfident_phrase("I think 4.")
+    (True, False)
+    """
+    return _OVERCONFIDENT.search(_normalise(text)) is not None
+
+
+def _share(texts: Sequence[str], verdict) -> float:
+    return sum(1 for t in texts if verdict(t)) / len(texts) if texts else math.nan
 
 
 def polite_share(texts: Sequence[str]) -> float:
@@ -78,7 +94,7 @@ def polite_share(texts: Sequence[str]) -> float:
     >>> polite_share(["Great question! It is 4.", "4", "I\u2019d be happy to help: 4", "certainly 4"])
     0.5
     """
-    return _share(texts, _POLITE)
+    return _share(texts, has_polite_phrase)
 
 
 def overconfident_share(texts: Sequence[str]) -> float:
@@ -87,7 +103,7 @@ def overconfident_share(texts: Sequence[str]) -> float:
     >>> overconfident_share(["It is DEFINITELY 4", "indefinitely", "100% sure: 5", "maybe 6"])
     0.5
     """
-    return _share(texts, _OVERCONFIDENT)
+    return _share(texts, has_overconfident_phrase)
 
 
 def mean_length(token_lengths: Sequence[int]) -> float:
