@@ -1,0 +1,242 @@
+"""Bring your own base model: any Hugging Face causal-LM directory, made a policy every stage starts from.
+
+    flywheel stage base_model source=/models/Qwen2.5-0.5B output_dir=/tmp/base
+
+Most teams do not pretrain. This stage takes a Llama, Qwen2, GPT-2 or Mistral directory (anything
+`AutoModelForCausalLM` loads) and writes `<output_dir>/final/`: the same architecture and format,
+its own tokenizer and chat template, plus only what the alignment stages rely on:
+
+- a chat template: the model's own when it has one, else ours (stages/tokenizer.py) with its role
+  tokens added as special tokens;
+- `eos_token` = the template's end-of-turn token, found by rendering a conversation. The stages
+  append `eos_token_id` after every assistant reply, and generation stops at eos (and bos), so a
+  base model whose eos is its document end (Llama-3's `<|end_of_text|>`, Qwen2's `<|endoftext|>`)
+  would otherwise be taught to end turns with a token its template never writes;
+- a bos (the document separator of pretraining replay and held-out perplexity) when the tokenizer
+  has none: the model config's bos, as Qwen2's config names `<|endoftext|>`;
+- a pad token distinct from eos (kept if the tokenizer has one, else an existing reserved token,
+  else an added `<|pad|>`), and left padding for generation (training batches right-pad themselves);
+- the reasoning markers `<think> </think> <answer> </answer>` as ordinary added tokens (single
+  tokens that `decode(skip_special_tokens=True)` keeps, which the rewards read), unless
+  `reasoning_tokens=false`;
+- embedding rows for the tokens added, at the mean of the trained rows; tied weights stay tied.
+
+`config.model_type` and the architecture class never change, so the checkpoints of every later
+stage are still a Qwen2 (or GPT-2, ...) that vLLM and lm-evaluation-harness load as such.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import AddedToken
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from stages import checkpoint as ckpt
+from stages.config import to_dict
+from stages.tokenizer import CHAT_TEMPLATE, END_OF_TURN, PAD, REASONING_MARKERS, ROLES
+from stages.tracking import NullTracker, Tracker
+
+STAGE = "base_model"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# What a conversation is rendered with to find the template's end-of-turn token.
+PROBE_QUESTION, PROBE_REPLY = "What is 2 + 3?", "5"
+
+
+class BaseModelError(ValueError):
+    """The source directory cannot be a base model; the message names it and says why."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BaseModelConfig:
+    source: Path  # a Hugging Face causal-LM directory (config.json, weights, tokenizer)
+    output_dir: Path
+    reasoning_tokens: bool = True  # add <think> </think> <answer> </answer> (the R1 recipe's format)
+    lineage: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not str(self.source):
+            raise ValueError("base_model.source must name a Hugging Face model directory")
+
+
+@dataclass(frozen=True)
+class BaseModelResult:
+    checkpoint: Path
+    metrics: dict[str, float]
+
+
+def check_source(source: Path) -> Any:
+    """The source's config, or one BaseModelError naming the directory and what is wrong with it."""
+    if not (source / "config.json").is_file():
+        raise BaseModelError(f"{source}: not a Hugging Face model directory (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as e:
+        raise BaseModelError(f"{source}: config.json does not load ({e})") from None
+    # A reward model (…ForSequenceClassification) shares model_type with its LM: ask the saved class first.
+    heads = config.architectures or []
+    lm_heads = [a for a in heads if a.endswith(("ForCausalLM", "LMHeadModel"))]
+    if (heads and not lm_heads) or config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise BaseModelError(f"{source}: not a causal language model (model_type {config.model_type!r}, "
+                             f"architectures {heads}); base_model needs what AutoModelForCausalLM loads")
+    if not any((source / f).is_file() for f in TOKENIZER_FILES):
+        raise BaseModelError(f"{source}: no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the model's "
+                             "tokenizer into the same directory (tokenizer.save_pretrained)")
+    return config
+
+
+def end_of_turn(tokenizer, source: Path) -> str:
+    """The token the chat template writes right after an assistant reply (checked by rendering one)."""
+    user = [{"role": "user", "content": PROBE_QUESTION}]
+    prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": PROBE_REPLY}], tokenize=False)
+    # The stages train on prompt + reply + eos: the template must render exactly that, in that order.
+    if not full.startswith(prompt + PROBE_REPLY):
+        raise BaseModelError(f"{source}: the chat template does not render the reply right after its generation "
+                             f"prompt (prompt {prompt!r}, conversation {full!r})")
+    suffix = tokenizer(full[len(prompt + PROBE_REPLY):], add_special_tokens=False)["input_ids"]
+    added = tokenizer.get_added_vocab()
+    token = tokenizer.convert_ids_to_tokens(suffix[0]) if suffix else None
+    if token not in added:
+        raise BaseModelError(f"{source}: the chat template ends an assistant turn with {full[len(prompt + PROBE_REPLY):]!r}, "
+                             "not with a single special token that could stop generation")
+    return token
+
+
+def choose_pad(tokenizer, template: str) -> str | None:
+    """A pad token distinct from eos, or None when one must be added.
+
+    A pad equal to eos is the classic bug: code that masks pad labels (HF collators, TRL) then masks
+    every end of turn too, and the model never learns to stop. A pad equal to bos (Qwen2's
+    <|endoftext|>) is kept: attention masks, not pad ids, say what is padding in every stage.
+    """
+    if tokenizer.pad_token is not None and tokenizer.pad_token != tokenizer.eos_token:
+        return tokenizer.pad_token
+    taken = {tokenizer.eos_token, tokenizer.bos_token}
+    spare = [t.content for _, t in sorted(tokenizer.added_tokens_decoder.items())
+             if t.special and t.content not in taken and t.content not in template
+             and ("pad" in t.content.lower() or "reserved" in t.content.lower())]
+    return min(spare, key=lambda t: "pad" not in t.lower()) if spare else None  # a pad-named one first
+
+
+def add_reasoning_markers(tokenizer, source: Path) -> list[str]:
+    """Register the markers as non-special added tokens; returns those the vocabulary did not have."""
+    have = {t.content: t.special for t in tokenizer.added_tokens_decoder.values()}
+    special = [m for m in REASONING_MARKERS if have.get(m)]
+    if special:
+        raise BaseModelError(f"{source}: {special} are special tokens there, so decode(skip_special_tokens=True) "
+                             "drops them and no reward sees them; use reasoning_tokens=false or re-save them "
+                             "as normal added tokens")
+    before = set(tokenizer.get_vocab())
+    # Markers the BPE already has as whole tokens become added tokens too (same id): never split in context.
+    tokenizer.add_tokens([AddedToken(m, special=False, normalized=False) for m in REASONING_MARKERS if m not in have])
+    return [m for m in REASONING_MARKERS if m not in before]
+
+
+def init_new_rows(model, new_ids: list[int], trained_rows: int) -> None:
+    """Set the embedding (and untied output) rows of `new_ids` to the mean of the first `trained_rows` rows.
+
+    Why the mean: a new token's logit is then h·mean(E) = the mean of the old logits, so by Jensen
+    exp(mean) <= mean(exp) each new token gets at most an average token's probability and the model's
+    next-token distribution barely moves (Hewitt, "Initializing new word embeddings"). A random row
+    can be anywhere, and rows past a padded vocabulary's used part (Qwen's) were never trained.
+    """
+    if not new_ids:
+        return
+    rows = torch.tensor(new_ids)
+    with torch.no_grad():
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if module is None:
+                continue
+            weight = module.weight
+            weight[rows] = weight[:trained_rows].float().mean(0).to(weight.dtype)
+            if getattr(module, "bias", None) is not None:
+                module.bias[rows] = module.bias[:trained_rows].float().mean().to(module.bias.dtype)
+
+
+def prepare(source: Path, output_dir: Path, *, reasoning_tokens: bool = True,
+            lineage: dict | None = None, config: dict | None = None) -> Path:
+    """Write `<output_dir>/final/`: `source` ready for every stage (see the module docstring); returns it.
+
+    A finished directory from the same source and options is returned as it is (a retried task).
+    """
+    source, final = Path(source).resolve(), ckpt.final_dir(output_dir)
+    if ckpt.is_complete(output_dir):
+        meta = ckpt.read_meta(final)
+        if (meta.get("source"), meta.get("reasoning_tokens")) != (str(source), reasoning_tokens):
+            raise BaseModelError(f"{final} was prepared from {meta.get('source')} (reasoning_tokens="
+                                 f"{meta.get('reasoning_tokens')}), not {source}: use another output_dir")
+        return final
+    model_config = check_source(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as e:
+        raise BaseModelError(f"{source}: the tokenizer does not load ({e})") from None
+    trained_rows = len(tokenizer)
+    before = set(tokenizer.get_vocab())
+    added: dict[str, Any] = {}
+
+    if tokenizer.chat_template:
+        added["chat_template"] = "kept"
+    else:
+        tokenizer.add_special_tokens({"extra_special_tokens": [END_OF_TURN, *ROLES]}, replace_extra_special_tokens=False)
+        tokenizer.chat_template = CHAT_TEMPLATE
+        added["chat_template"] = "ours"
+    eot, document_end = end_of_turn(tokenizer, source), tokenizer.eos_token
+    if eot != tokenizer.eos_token:
+        added["eos_token"] = {"was": tokenizer.eos_token, "now": eot}
+        tokenizer.eos_token = eot
+    if tokenizer.bos_token is None:
+        # The stages separate documents with bos (pretraining replay, held-out perplexity) and stop
+        # generation at it. A tokenizer without one (Qwen2's) gets the model config's bos, else its
+        # document end; encoding is unchanged, as no post-processor adds it.
+        config_bos = getattr(model_config.get_text_config(), "bos_token_id", None)
+        bos = tokenizer.convert_ids_to_tokens(config_bos) if config_bos is not None else document_end
+        if bos is not None and bos != eot:
+            tokenizer.bos_token = bos
+            added["bos_token"] = bos
+    pad = choose_pad(tokenizer, str(tokenizer.chat_template))
+    if pad is None:
+        tokenizer.add_special_tokens({"pad_token": PAD})
+        added["pad_token"] = PAD
+    elif pad != tokenizer.pad_token:
+        tokenizer.pad_token = pad
+        added["pad_token"] = pad
+    if reasoning_tokens:
+        add_reasoning_markers(tokenizer, source)
+    tokenizer.padding_side = "left"
+    tokenizer.init_kwargs["padding_side"] = "left"  # save_pretrained writes init kwargs, not the attribute
+    new_tokens = sorted((t for t in tokenizer.get_vocab() if t not in before), key=tokenizer.convert_tokens_to_ids)
+    added["tokens"] = new_tokens
+
+    model = AutoModelForCausalLM.from_pretrained(source)  # the source's own dtype: a bf16 model stays bf16
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:  # never shrink: a padded vocabulary keeps its padding
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows set below, deterministically
+        added["embedding_rows"] = {"was": rows, "now": len(tokenizer)}
+    init_new_rows(model, tokenizer.convert_tokens_to_ids(new_tokens), trained_rows)
+    if model.config.get_text_config().tie_word_embeddings and model.get_output_embeddings() is not None:
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight, "resize untied the head"
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        setattr(model.config, name, getattr(tokenizer, name))
+
+    metrics = {"base_model/parameters": float(sum(p.numel() for p in model.parameters())),
+               "base_model/vocab_size": float(len(tokenizer)), "base_model/added_tokens": float(len(new_tokens))}
+    meta = {"stage": STAGE, "source": str(source), "reasoning_tokens": reasoning_tokens,
+            "architecture": type(model).__name__, "model_type": model.config.model_type, "added": added,
+            "config": config or {}, "lineage": lineage or {}, "parent": str(source), "metrics": metrics}
+    return ckpt.save_checkpoint(final, model, tokenizer, meta)
+
+
+def run(cfg: BaseModelConfig, tracker: Tracker | None = None) -> BaseModelResult:
+    tracker = tracker or NullTracker()
+    tracker.log_params({"stage": STAGE, **to_dict(cfg)})
+    final = prepare(cfg.source, cfg.output_dir, reasoning_tokens=cfg.reasoning_tokens, lineage=cfg.lineage,
+                    config=to_dict(cfg))
+    metrics = ckpt.read_meta(final)["metrics"]
+    tracker.log_metrics(metrics)
+    return BaseModelResult(checkpoint=final, metrics=metrics)
