@@ -37,7 +37,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from stages import checkpoint as ckpt
-from stages.config import to_dict
+from stages.config import ConfigError, to_dict
 from stages.tokenizer import CHAT_TEMPLATE, END_OF_TURN, PAD, REASONING_MARKERS, ROLES
 from stages.tracking import NullTracker, Tracker
 
@@ -47,8 +47,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 PROBE_QUESTION, PROBE_REPLY = "What is 2 + 3?", "5"
 
 
-class BaseModelError(ValueError):
-    """The source directory cannot be a base model; the message names it and says why."""
+class BaseModelError(ConfigError):
+    """The source directory cannot be a base model; the message names it and says why (a ConfigError:
+    `flywheel` prints it as one line, not a traceback)."""
+
+
+def refuse(source: Path, why: str) -> BaseModelError:
+    return BaseModelError(f"base_model.source={source}: {why}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,20 +77,20 @@ class BaseModelResult:
 def check_source(source: Path) -> Any:
     """The source's config, or one BaseModelError naming the directory and what is wrong with it."""
     if not (source / "config.json").is_file():
-        raise BaseModelError(f"{source}: not a Hugging Face model directory (no config.json)")
+        raise refuse(source, "not a Hugging Face model directory (no config.json)")
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError, KeyError) as e:
-        raise BaseModelError(f"{source}: config.json does not load ({e})") from None
+        raise refuse(source, f"config.json does not load ({e})") from None
     # A reward model (…ForSequenceClassification) shares model_type with its LM: ask the saved class first.
     heads = config.architectures or []
     lm_heads = [a for a in heads if a.endswith(("ForCausalLM", "LMHeadModel"))]
     if (heads and not lm_heads) or config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise BaseModelError(f"{source}: not a causal language model (model_type {config.model_type!r}, "
-                             f"architectures {heads}); base_model needs what AutoModelForCausalLM loads")
+        raise refuse(source, f"not a causal language model (model_type {config.model_type!r}, architectures "
+                             f"{heads}); base_model needs what AutoModelForCausalLM loads")
     if not any((source / f).is_file() for f in TOKENIZER_FILES):
-        raise BaseModelError(f"{source}: no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the model's "
-                             "tokenizer into the same directory (tokenizer.save_pretrained)")
+        raise refuse(source, f"no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the model's tokenizer "
+                             "into the same directory (tokenizer.save_pretrained)")
     return config
 
 
@@ -96,14 +101,14 @@ def end_of_turn(tokenizer, source: Path) -> str:
     full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": PROBE_REPLY}], tokenize=False)
     # The stages train on prompt + reply + eos: the template must render exactly that, in that order.
     if not full.startswith(prompt + PROBE_REPLY):
-        raise BaseModelError(f"{source}: the chat template does not render the reply right after its generation "
-                             f"prompt (prompt {prompt!r}, conversation {full!r})")
-    suffix = tokenizer(full[len(prompt + PROBE_REPLY):], add_special_tokens=False)["input_ids"]
-    added = tokenizer.get_added_vocab()
+        raise refuse(source, f"the chat template does not render the reply right after its generation prompt "
+                             f"(prompt {prompt!r}, conversation {full!r})")
+    after_reply = full[len(prompt + PROBE_REPLY):]
+    suffix = tokenizer(after_reply, add_special_tokens=False)["input_ids"]
     token = tokenizer.convert_ids_to_tokens(suffix[0]) if suffix else None
-    if token not in added:
-        raise BaseModelError(f"{source}: the chat template ends an assistant turn with {full[len(prompt + PROBE_REPLY):]!r}, "
-                             "not with a single special token that could stop generation")
+    if token not in tokenizer.get_added_vocab():
+        raise refuse(source, f"the chat template ends an assistant turn with {after_reply!r}, not with a single "
+                             "special token that could stop generation")
     return token
 
 
@@ -123,18 +128,15 @@ def choose_pad(tokenizer, template: str) -> str | None:
     return min(spare, key=lambda t: "pad" not in t.lower()) if spare else None  # a pad-named one first
 
 
-def add_reasoning_markers(tokenizer, source: Path) -> list[str]:
-    """Register the markers as non-special added tokens; returns those the vocabulary did not have."""
+def add_reasoning_markers(tokenizer, source: Path) -> None:
+    """Register the markers as non-special added tokens (new ids only for those the vocabulary lacks)."""
     have = {t.content: t.special for t in tokenizer.added_tokens_decoder.values()}
     special = [m for m in REASONING_MARKERS if have.get(m)]
     if special:
-        raise BaseModelError(f"{source}: {special} are special tokens there, so decode(skip_special_tokens=True) "
-                             "drops them and no reward sees them; use reasoning_tokens=false or re-save them "
-                             "as normal added tokens")
-    before = set(tokenizer.get_vocab())
+        raise refuse(source, f"{special} are special tokens there, so decode(skip_special_tokens=True) drops them "
+                             "and no reward sees them; use reasoning_tokens=false or re-save them as normal tokens")
     # Markers the BPE already has as whole tokens become added tokens too (same id): never split in context.
     tokenizer.add_tokens([AddedToken(m, special=False, normalized=False) for m in REASONING_MARKERS if m not in have])
-    return [m for m in REASONING_MARKERS if m not in before]
 
 
 def init_new_rows(model, new_ids: list[int], trained_rows: int) -> None:
@@ -158,32 +160,15 @@ def init_new_rows(model, new_ids: list[int], trained_rows: int) -> None:
                 module.bias[rows] = module.bias[:trained_rows].float().mean().to(module.bias.dtype)
 
 
-def prepare(source: Path, output_dir: Path, *, reasoning_tokens: bool = True,
-            lineage: dict | None = None, config: dict | None = None) -> Path:
-    """Write `<output_dir>/final/`: `source` ready for every stage (see the module docstring); returns it.
-
-    A finished directory from the same source and options is returned as it is (a retried task).
-    """
-    source, final = Path(source).resolve(), ckpt.final_dir(output_dir)
-    if ckpt.is_complete(output_dir):
-        meta = ckpt.read_meta(final)
-        if (meta.get("source"), meta.get("reasoning_tokens")) != (str(source), reasoning_tokens):
-            raise BaseModelError(f"{final} was prepared from {meta.get('source')} (reasoning_tokens="
-                                 f"{meta.get('reasoning_tokens')}), not {source}: use another output_dir")
-        return final
-    model_config = check_source(source)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, TypeError) as e:
-        raise BaseModelError(f"{source}: the tokenizer does not load ({e})") from None
-    trained_rows = len(tokenizer)
+def prepare_tokenizer(tokenizer, source: Path, model_config: Any, reasoning_tokens: bool) -> dict[str, Any]:
+    """Give `tokenizer` what the stages rely on (in place); returns what was changed, for meta.json."""
     before = set(tokenizer.get_vocab())
     added: dict[str, Any] = {}
-
     if tokenizer.chat_template:
         added["chat_template"] = "kept"
     else:
-        tokenizer.add_special_tokens({"extra_special_tokens": [END_OF_TURN, *ROLES]}, replace_extra_special_tokens=False)
+        tokenizer.add_special_tokens({"extra_special_tokens": [END_OF_TURN, *ROLES]},
+                                     replace_extra_special_tokens=False)
         tokenizer.chat_template = CHAT_TEMPLATE
         added["chat_template"] = "ours"
     eot, document_end = end_of_turn(tokenizer, source), tokenizer.eos_token
@@ -210,22 +195,53 @@ def prepare(source: Path, output_dir: Path, *, reasoning_tokens: bool = True,
         add_reasoning_markers(tokenizer, source)
     tokenizer.padding_side = "left"
     tokenizer.init_kwargs["padding_side"] = "left"  # save_pretrained writes init kwargs, not the attribute
-    new_tokens = sorted((t for t in tokenizer.get_vocab() if t not in before), key=tokenizer.convert_tokens_to_ids)
-    added["tokens"] = new_tokens
+    added["tokens"] = sorted((t for t in tokenizer.get_vocab() if t not in before), key=tokenizer.convert_tokens_to_ids)
+    return added
 
-    model = AutoModelForCausalLM.from_pretrained(source)  # the source's own dtype: a bf16 model stays bf16
+
+def fit_embeddings(model, tokenizer, new_tokens: list[str], trained_rows: int) -> dict[str, Any]:
+    """Rows for the added tokens (resizing only when they do not fit), tied weights still tied."""
+    changed: dict[str, Any] = {}
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:  # never shrink: a padded vocabulary keeps its padding
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows set below, deterministically
-        added["embedding_rows"] = {"was": rows, "now": len(tokenizer)}
-    init_new_rows(model, tokenizer.convert_tokens_to_ids(new_tokens), trained_rows)
-    if model.config.get_text_config().tie_word_embeddings and model.get_output_embeddings() is not None:
-        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight, "resize untied the head"
+        changed["embedding_rows"] = {"was": rows, "now": len(tokenizer)}
+    init_new_rows(model, tokenizer.convert_tokens_to_ids(new_tokens), min(trained_rows, rows))
+    head = model.get_output_embeddings()
+    if model.config.get_text_config().tie_word_embeddings and head is not None \
+            and head.weight is not model.get_input_embeddings().weight:
+        raise RuntimeError(f"{type(model).__name__}: resizing untied the output head from the embeddings")
     for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
         setattr(model.config, name, getattr(tokenizer, name))
+    return changed
+
+
+def prepare(source: Path, output_dir: Path, *, reasoning_tokens: bool = True,
+            lineage: dict | None = None, config: dict | None = None) -> Path:
+    """Write `<output_dir>/final/`: `source` ready for every stage (see the module docstring); returns it.
+
+    A finished directory from the same source and options is returned as it is (a retried task).
+    """
+    source, final = Path(source).resolve(), ckpt.final_dir(output_dir)
+    if ckpt.is_complete(output_dir):
+        meta = ckpt.read_meta(final)
+        if (meta.get("source"), meta.get("reasoning_tokens")) != (str(source), reasoning_tokens):
+            raise BaseModelError(f"base_model.output_dir: {final} was prepared from {meta.get('source')} "
+                                 f"(reasoning_tokens={meta.get('reasoning_tokens')}), not {source}: use another "
+                                 "output_dir")
+        return final
+    model_config = check_source(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as e:
+        raise refuse(source, f"the tokenizer does not load ({e})") from None
+    trained_rows = len(tokenizer)
+    added = prepare_tokenizer(tokenizer, source, model_config, reasoning_tokens)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype="auto")  # a bf16 model stays bf16
+    added |= fit_embeddings(model, tokenizer, added["tokens"], trained_rows)
 
     metrics = {"base_model/parameters": float(sum(p.numel() for p in model.parameters())),
-               "base_model/vocab_size": float(len(tokenizer)), "base_model/added_tokens": float(len(new_tokens))}
+               "base_model/vocab_size": float(len(tokenizer)), "base_model/added_tokens": float(len(added["tokens"]))}
     meta = {"stage": STAGE, "source": str(source), "reasoning_tokens": reasoning_tokens,
             "architecture": type(model).__name__, "model_type": model.config.model_type, "added": added,
             "config": config or {}, "lineage": lineage or {}, "parent": str(source), "metrics": metrics}

@@ -159,6 +159,15 @@ def test_left_padded_rollouts_and_right_padded_logprobs_match_unpadded_ones(base
     assert torch.allclose(padded[0, : len(seqs[0]) - 1], short[0], atol=1e-5)
 
 
+def test_a_bf16_source_stays_bf16(tmp_path: Path) -> None:
+    tok = foreign.build_tokenizer("llama")
+    foreign.build_model("llama", tok).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    tok.save_pretrained(tmp_path / "bf16")
+    final = prepare(tmp_path / "bf16", tmp_path / "out")
+    assert {t.dtype for t in load_file(final / "model.safetensors").values()} == {torch.bfloat16}
+    assert json.loads((final / "config.json").read_text())["dtype"] == "bfloat16"
+
+
 def test_our_own_checkpoint_passes_through_unchanged(tmp_path: Path) -> None:
     tok = train_tokenizer(foreign.training_texts(10_000), vocab_size=400)
     model = build_model(ModelConfig(max_seq_len=64), tok)
