@@ -107,7 +107,7 @@ def test_packed_row_logits_equal_each_example_alone(pretrained: Trained, tok) ->
             counts.append(int(one["loss_tokens"].sum()))
         loss, _ = packed_lm_loss(model, batch)
     assert int(batch["loss_tokens"][0]) == sum(counts) == sum(sum(m) for _, m in segments)
-    assert loss.item() == pytest.approx(sum(l * n for l, n in zip(losses, counts)) / sum(counts), rel=1e-5)
+    assert loss.item() == pytest.approx(sum(x * n for x, n in zip(losses, counts, strict=True)) / sum(counts), rel=1e-5)
 
 
 def test_packed_batch_tensors_and_the_block_diagonal_mask_transformers_builds(pretrained: Trained, tok) -> None:
