@@ -18,6 +18,9 @@ data rule out, at that confidence, a regression larger than `margin`. A challeng
 a maximum when lower is better); it is what the very first version, with no champion to face, must
 clear. Without a floor the first version passes on nothing, and the reason says so.
 
+A candidate that tripped a reward-hacking monitor (stages/monitors.py; recorded on the version as
+the `monitor.alarms` tag by registry/models.py) fails whatever its metrics say: `monitor_verdict`.
+
 The interval uses the normal approximation (z quantile): fine for the hundreds of items an
 evaluation scores; with a handful of items it is somewhat too narrow, one more reason to score many.
 """
@@ -25,7 +28,7 @@ evaluation scores; with a handful of items it is somewhat too narrow, one more r
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -159,6 +162,26 @@ def paired_verdict(
         parts.append("fails (" + "; ".join(why) + ")")
     return GateVerdict(**base, passed=passed, n=n, diff=mean, stderr=stderr, ci_low=low, ci_high=high,
                        reason=", ".join(parts[:-1]) + ": " + parts[-1])
+
+
+MONITOR_METRIC = "monitor/alarms"  # the gate row of a candidate that tripped a reward-hacking monitor
+
+
+def monitor_verdict(alarms: Sequence[str]) -> GateVerdict:
+    """The failing verdict of a candidate carrying reward-hacking monitor alarms (stages/monitors.py).
+
+    A monitor that fired means the candidate's other numbers may be the reward being gamed (longer,
+    politer, more confident answers; a policy far from its reference; a reward model that disagrees
+    with the verifier), so no paired test on them can clear it: it fails whatever they say. Its value
+    is the number of alarms, against a ceiling of 0.
+    """
+    if not alarms:
+        raise ValueError("monitor_verdict needs at least one alarm")
+    return GateVerdict(metric=MONITOR_METRIC, passed=False, value=float(len(alarms)), higher_is_better=False,
+                       margin=0.0, floor=0.0, confidence=0.95, champion_version=None, n=0, diff=None, stderr=None,
+                       ci_low=None, ci_high=None,
+                       reason=f"{MONITOR_METRIC}: {len(alarms)} reward-hacking monitor alarm"
+                              f"{'s' if len(alarms) > 1 else ''} ({'; '.join(alarms)}): fails")
 
 
 def all_passed(verdicts: Iterable[GateVerdict]) -> bool:

@@ -5,7 +5,7 @@
     print(model_card(name=..., version=..., tags=..., meta=..., model_config=..., history=...))  # pure
 
 Everything on the card comes from the version's tags (lineage, `eval.*` metrics with their
-`_stderr` companions, the `gate.*` record, flags), the checkpoint's `meta.json` (the chain of
+`_stderr` companions, the `gate.*` record, flags, `monitor.alarms`), the checkpoint's `meta.json` (the chain of
 training stages) and `config.json` (the architecture), and the champion history. Nothing is
 invented: a section without data says so.
 """
@@ -26,7 +26,7 @@ from registry.gate import GateVerdict
 
 CARD_FILE = "model_card.md"
 MAX_DESCRIPTION = 5000  # the SQL store's model_versions.description column
-_NOT_LINEAGE = ("gate.", "champion.", "metric.", "eval.", "mlflow.")
+_NOT_LINEAGE = ("gate.", "champion.", "metric.", "eval.", "mlflow.", "monitor.")
 _NOT_LINEAGE_KEYS = {"stage", models.ROLLED_BACK}
 
 
@@ -95,6 +95,15 @@ def _gate_section(tags: dict[str, str], verdicts: Sequence[GateVerdict]) -> list
     return lines
 
 
+def _monitor_section(tags: dict[str, str]) -> list[str]:
+    alarms = models.monitor_alarms(tags)
+    if not alarms:
+        return ["No reward-hacking monitor alarms were recorded (KL to the reference, length drift, polite and "
+                "overconfident wording, reward model vs verifier; stages/monitors.py)."]
+    return ["This version tripped reward-hacking monitors; the promotion gate refuses it unless a person forces "
+            "it with a reason:", "", *[f"- `{a}`" for a in alarms]]
+
+
 def _limitations(model_config: dict[str, Any] | None, stages: list[str]) -> list[str]:
     size = ""
     if model_config:
@@ -125,6 +134,8 @@ def model_card(*, name: str, version: str, tags: dict[str, str], aliases: Sequen
     status = f"Aliases: {', '.join(aliases) or 'none'}. Gate: {models.gate_state(tags)}."
     if tags.get(models.FLAGGED):
         status += f" **FLAGGED: {tags[models.FLAGGED]}.**"
+    if models.monitor_alarms(tags):
+        status += f" **MONITOR ALARMS: {'; '.join(models.monitor_alarms(tags))}.**"
     lines += [status, ""]
 
     lines += ["## Lineage", ""]
@@ -149,6 +160,7 @@ def model_card(*, name: str, version: str, tags: dict[str, str], aliases: Sequen
 
     lines += ["", "## Evaluation", ""] + _evaluation_table(metrics, verdicts)
     lines += ["", "## Promotion gate", ""] + _gate_section(tags, verdicts)
+    lines += ["", "## Reward-hacking monitors", ""] + _monitor_section(tags)
 
     mine = [e for e in history if version in (e.from_version, e.to_version)]
     lines += ["", "## Champion history of this version", ""]

@@ -28,7 +28,12 @@ Version tags:
   higher_is_better,passed,reason}`: the last gate decision for this version (registry/gate.py);
 - `champion.flagged`: this version served without a passed gate (forced, or moved by hand), why;
   `champion.forced`, `champion.forced_reason`; `rolled_back`: it was champion and was rolled back;
-- `metric.<name>` and `stage`: copied from the checkpoint's meta.json for the `models list` table.
+- `metric.<name>` and `stage`: copied from the checkpoint's meta.json for the `models list` table;
+- `monitor.alarms`: the reward-hacking monitor alarms the version carries, one line,
+  `<source>:<metric>=<value>><threshold>; ...` (source: the training stage whose meta.json recorded it,
+  anywhere in the parent chain, or `evaluate` via `record_alarms`). A version with alarms fails its
+  gate (`promote_if_passed` adds a failing `monitor/alarms` verdict) and is refused by `promote` and
+  `set_champion` unless forced with a reason, which flags it.
 
 Hand moves in the MLflow UI or API cannot be prevented or locked out, so every read path calls
 `sync_history`, which records them as `outside` entries (and flags an ungated champion) the first
@@ -57,7 +62,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from infra.settings import load_settings
-from registry.gate import GateVerdict, all_passed
+from registry.gate import GateVerdict, all_passed, monitor_verdict
+from stages.monitors import Alarm
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +75,8 @@ FLAGGED = "champion.flagged"
 FORCED = "champion.forced"
 FORCED_REASON = "champion.forced_reason"
 ROLLED_BACK = "rolled_back"
+MONITOR_ALARMS = "monitor.alarms"
+MAX_ALARMS = 2000  # chars of the alarms tag: a handful of alarms, far below the tag column's 5,000
 OUTSIDE = "outside flywheel"
 MAX_REASON = 500  # keeps a history entry far below the 5,000-char registered-model tag column
 LOCK_TIMEOUT_S = 60.0
@@ -104,6 +112,10 @@ class ChampionChanged(RegistryError):
 
 class GateNotPassed(RegistryError):
     pass
+
+
+class MonitorAlarmed(GateNotPassed):
+    """The version carries reward-hacking monitor alarms (a GateNotPassed: whoever handles that handles this)."""
 
 
 class ReasonRequired(RegistryError, ValueError):
@@ -167,8 +179,46 @@ def _alias(rm: RegisteredModel, alias: str = CHAMPION) -> str | None:
 # ----------------------------------------------------------------------------- registering
 
 
+def _alarm_text(source: str, alarm: Alarm | dict | str) -> str:
+    """`<source>:<metric>=<value>><threshold>`; a string is taken as already written `metric=v>t`."""
+    if isinstance(alarm, str):
+        short = alarm.strip()
+    else:
+        short = (alarm if isinstance(alarm, Alarm) else Alarm.from_dict(alarm)).short()
+    return f"{source}:{short}" if source else short
+
+
+def meta_alarms(meta: dict) -> list[str]:
+    """Monitor alarms recorded in a meta.json (`monitors: {"alarms": [...]}`) and in its parent chain.
+
+    An ancestor's alarm counts: a policy that gamed its reward in GRPO passes that on to the stages
+    trained from it (rejection sampling keeps its samples). Oldest stage first; each names its stage.
+    """
+    chain, node = [], meta
+    while isinstance(node, dict) and node:
+        chain.append(node)
+        node = node.get("parent_meta")
+    out: list[str] = []
+    for node in reversed(chain):
+        for alarm in ((node.get("monitors") or {}).get("alarms") or []):
+            text = _alarm_text(str(node.get("stage") or "?"), alarm)
+            if text not in out:
+                out.append(text)
+    return out
+
+
+def monitor_alarms(tags: dict[str, str]) -> list[str]:
+    """The alarms a version carries, read back from its `monitor.alarms` tag."""
+    return [a.strip() for a in tags.get(MONITOR_ALARMS, "").split(";") if a.strip()]
+
+
+def _alarms_tag(alarms: Sequence[str]) -> str:
+    text = "; ".join(alarms)
+    return text if len(text) <= MAX_ALARMS else text[: MAX_ALARMS - 24].rsplit(";", 1)[0] + f"; ... ({len(alarms)} in all)"
+
+
 def _meta_tags(checkpoint: Path) -> dict[str, str]:
-    """`stage` and numeric `metric.<name>` tags from the checkpoint's meta.json, if it has one."""
+    """`stage`, numeric `metric.<name>` and `monitor.alarms` tags from the checkpoint's meta.json, if any."""
     meta_file = checkpoint / "meta.json"
     if not meta_file.is_file():
         return {}
@@ -179,6 +229,9 @@ def _meta_tags(checkpoint: Path) -> dict[str, str]:
     for key, value in (meta.get("metrics") or {}).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             tags[f"metric.{key}"] = repr(float(value))
+    alarms = meta_alarms(meta)
+    if alarms:
+        tags[MONITOR_ALARMS] = _alarms_tag(alarms)
     return tags
 
 
@@ -208,7 +261,8 @@ def register_checkpoint(
     """Log `checkpoint` unchanged as the run's `hf_model` artifacts, register it, alias it challenger.
 
     `tags` are the lineage tags (data.dvc_md5, tokenizer.run_id, parent runs, git.commit, ...);
-    `stage` and `metric.*` tags from meta.json are added (explicit `tags` win). Returns the version.
+    `stage`, `metric.*` and `monitor.alarms` tags from meta.json are added (explicit `tags` win).
+    Returns the version.
     """
     client = _client(client)
     checkpoint = Path(checkpoint)
@@ -222,6 +276,25 @@ def register_checkpoint(
     )
     client.set_registered_model_alias(name, CHALLENGER, mv.version)
     return str(mv.version)
+
+
+def record_alarms(client: MlflowClient | str, name: str, version: str, alarms: Sequence[Alarm | dict | str],
+                  source: str = "evaluate") -> list[str]:
+    """Add monitor alarms (e.g. evaluation.json's `alarms`) to the version's `monitor.alarms` tag.
+
+    Call it before the gate: a version carrying alarms fails it. Alarms already there are kept, a repeat
+    is not added twice; returns every alarm the version now carries.
+    """
+    client = _client(client)
+    tags = dict(_model_version(client, name, str(version)).tags)
+    now = monitor_alarms(tags)
+    for alarm in alarms:
+        text = _alarm_text(source, alarm)
+        if text not in now:
+            now.append(text)
+    if now:
+        client.set_model_version_tag(name, str(version), MONITOR_ALARMS, _alarms_tag(now))
+    return now
 
 
 # ----------------------------------------------------------------------------- gate records
@@ -293,10 +366,15 @@ def recorded_verdicts(tags: dict[str, str]) -> list[GateVerdict]:
 
 def _gate_refusal(name: str, version: str, tags: dict[str, str]) -> str:
     state = gate_state(tags)
+    alarms = monitor_alarms(tags)
     if state == "none":
-        return f"v{version} of {name!r} has no recorded gate result"
-    failing = [v.reason for v in recorded_verdicts(tags) if not v.passed] or [tags.get("gate.reason", "")]
-    return f"v{version} of {name!r} failed its gate: " + "; ".join(failing)
+        text = f"v{version} of {name!r} has no recorded gate result"
+    else:
+        failing = [v.reason for v in recorded_verdicts(tags) if not v.passed] or [tags.get("gate.reason", "")]
+        text = f"v{version} of {name!r} failed its gate: " + "; ".join(failing)
+    if alarms and "; ".join(alarms) not in text:
+        text += f"; it carries reward-hacking monitor alarms: {'; '.join(alarms)}"
+    return text
 
 
 # ----------------------------------------------------------------------------- champion history
@@ -364,10 +442,12 @@ def _gate_of(client: MlflowClient, name: str, version: str | None) -> tuple[str,
     return gate_state(tags), tags
 
 
-def _flag(client: MlflowClient, name: str, version: str, state: str, how: str) -> None:
-    if state != "passed":
-        what = "a failed gate" if state == "failed" else "no recorded gate"
-        client.set_model_version_tag(name, version, FLAGGED, f"{how} over {what}")
+def _flag(client: MlflowClient, name: str, version: str, state: str, how: str, alarms: Sequence[str] = ()) -> None:
+    what = [] if state == "passed" else ["a failed gate" if state == "failed" else "no recorded gate"]
+    if alarms:
+        what.append(f"monitor alarms ({'; '.join(alarms)})")
+    if what:
+        client.set_model_version_tag(name, version, FLAGGED, f"{how} over {' and '.join(what)}")
 
 
 @contextlib.contextmanager
@@ -409,13 +489,13 @@ def _sync_locked(client: MlflowClient, name: str
     last = events[-1].to_version if events else None
     if current == last:
         return rm, events, seq, None
-    state, _ = _gate_of(client, name, current)
+    state, tags = _gate_of(client, name, current)
     events.append(_append(
         client, name, seq, action="outside", by=OUTSIDE, from_version=last, to_version=current, gate=state,
         reason="champion alias moved outside flywheel (MLflow UI or API); recorded when flywheel next read the "
                "registry", user="unknown"))
     if current is not None:
-        _flag(client, name, current, state, "moved by hand outside flywheel")
+        _flag(client, name, current, state, "moved by hand outside flywheel", monitor_alarms(tags))
     log.warning("%s: champion moved outside flywheel: %s -> %s (gate %s)", name, _v(last), _v(current), state)
     return rm, events, seq + 1, events[-1]
 
@@ -459,8 +539,9 @@ def set_champion(client: MlflowClient | str, name: str, version: str, *, by: str
 
     `expected` is the champion the decision was taken against (None = there was none); if another
     promotion, a rollback or a hand move changed it since, raise ChampionChanged and move nothing.
-    A version whose recorded gate did not pass is refused (GateNotPassed) unless `forced`, which
-    needs a `reason` and flags the version. Returns the history entry, or None if `version` already
+    A version whose recorded gate did not pass is refused (GateNotPassed), and so is one carrying
+    reward-hacking monitor alarms (MonitorAlarmed, a GateNotPassed), unless `forced`, which needs a
+    `reason` and flags the version. Returns the history entry, or None if `version` already
     is the champion.
 
     Guarantee: MLflow has no compare-and-set on aliases, so the re-read, compare, alias write and
@@ -485,21 +566,27 @@ def set_champion(client: MlflowClient | str, name: str, version: str, *, by: str
         if current == version:
             return None
         state, tags = _gate_of(client, name, version)
+        alarms = monitor_alarms(tags)
         if state != "passed" and not forced:
-            raise GateNotPassed(_gate_refusal(name, version, tags) + " (forcing it needs a reason)")
+            raise (MonitorAlarmed if alarms else GateNotPassed)(
+                _gate_refusal(name, version, tags) + " (forcing it needs a reason)")
+        if alarms and not forced:
+            raise MonitorAlarmed(f"v{version} of {name!r} carries reward-hacking monitor alarms: "
+                                 f"{'; '.join(alarms)} (forcing it needs a reason)")
         client.set_registered_model_alias(name, CHAMPION, version)
         event = _append(client, name, seq, action="forced" if forced else "promote", by=by, from_version=current,
                         to_version=version, gate=state, reason=reason, user=_user())
     if forced:
         client.set_model_version_tag(name, version, FORCED, "true")
         client.set_model_version_tag(name, version, FORCED_REASON, reason.strip())
-        _flag(client, name, version, state, f"forced by {by} ({reason})")
+        _flag(client, name, version, state, f"forced by {by} ({reason})", alarms)
     return event
 
 
 def promote(client: MlflowClient | str, name: str, version: str, *, force: bool = False,
             reason: str | None = None, by: str = "flywheel models promote") -> ChampionEvent | None:
-    """A person promotes `version`: refused if its recorded gate failed, unless forced with a reason.
+    """A person promotes `version`: refused if its recorded gate failed or it carries monitor alarms,
+    unless forced with a reason.
 
     The decision is taken against the champion read here, so it is compared-and-set like a gate's.
     """
@@ -519,7 +606,9 @@ def promote_if_passed(client: MlflowClient | str, name: str, version: str, verdi
     `expected` is the champion the verdicts were computed against (read with `champion_version`
     before evaluation; None = no champion). Returns whether the gate passed. A failed gate or no
     verdicts never moves champion; a champion changed meanwhile raises ChampionChanged (the
-    verdicts compare against a champion that no longer serves: evaluate again).
+    verdicts compare against a champion that no longer serves: evaluate again). A version carrying
+    monitor alarms (`monitor.alarms`) fails: a failing `monitor/alarms` verdict is recorded beside the
+    given ones, naming the alarms.
     """
     client = _client(client)
     version, expected = str(version), None if expected is None else str(expected)
@@ -529,6 +618,9 @@ def promote_if_passed(client: MlflowClient | str, name: str, version: str, verdi
         if (expected is None and v.n) or (expected is not None and (not v.n or against not in (None, expected))):
             raise ValueError(f"verdict for {v.metric} was computed against {_v(against)} "
                              f"({v.n} paired items), but the expected champion is {_v(expected)}")
+    alarms = monitor_alarms(dict(_model_version(client, name, version).tags))
+    if alarms:
+        verdicts = [*verdicts, monitor_verdict(alarms)]
     record_gate(client, name, version, verdicts, expected)
     if not all_passed(verdicts):
         return False
@@ -656,6 +748,7 @@ def list_versions(client: MlflowClient | str, name: str) -> list[dict]:
             "gate_metric": gates[0].metric if gates else "",
             "gate_value": repr(gates[0].value) if gates else "",
             "flag": tags.get(FLAGGED, ""),
+            "alarms": monitor_alarms(tags),
             "forced": tags.get(FORCED) == "true",
             "rolled_back": tags.get(ROLLED_BACK) == "true",
             "metrics": {k.removeprefix("metric."): v for k, v in tags.items() if k.startswith("metric.")},
