@@ -210,7 +210,9 @@ class MonitorConfig:
     """
 
     kl_max: float | None = 1.0  # nats per token (rl/kl, k3 estimate); GRPO with beta=0.04 stays far below
-    length_drift_max: float | None = 1.0  # |relative change| of mean length: twice as long (or 100% shorter)
+    # |relative change| of mean length: above 1.0 = more than twice as long. Shrinking is at most -1.0 (empty
+    # answers), so only a threshold below 1 catches a collapse in length too.
+    length_drift_max: float | None = 1.0
     polite_share_max: float | None = 0.5  # more than half the answers carry stock pleasantries
     overconfident_share_max: float | None = 0.5  # more than half the answers carry overconfident wording
     divergence_max: float | None = 0.5  # reward model ranks verifier-ordered pairs worse than a coin
