@@ -591,6 +591,8 @@ def run(cfg: EvaluateConfig, tracker: Tracker | None = None) -> EvaluateResult:
     log.info("evaluate %s on %s", cfg.checkpoint, ", ".join([*cfg.tasks, *cfg.harness_tasks]))
     tokenizer = load_tokenizer(cfg.checkpoint)
     data = load_task_data(cfg)
+    if cfg.best_of_n > 1 and cfg.best_of_n_scorer == "reward_model" and not Path(cfg.reward_model).is_dir():
+        raise FileNotFoundError(f"evaluate.reward_model: reward model directory {cfg.reward_model} does not exist")
     device = pick_device()
     model = ckpt.load_model(cfg.checkpoint, device).eval()
     out_dir = Path(cfg.output_dir)

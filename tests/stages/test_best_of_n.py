@@ -194,6 +194,9 @@ def test_reward_model_scorer_is_wired_through_stages_reward(corpus: Path, sft_tr
     cfg = EvaluateConfig(checkpoint=sft_trained.checkpoint, dataset=corpus, output_dir=tmp_path, tasks=("arithmetic",),
                          arithmetic_problems=3, progress=False, best_of_n=2, reward_model=tmp_path / "rm",
                          reward_batch_size=7)
+    with pytest.raises(FileNotFoundError, match=r"evaluate\.reward_model: reward model directory .*rm does not exist"):
+        evaluate.run(cfg)
+    (tmp_path / "rm").mkdir()
     result = evaluate.run(cfg)
     assert loaded == [tmp_path / "rm"] and scored == [[p.question for p in problems for _ in range(2)]]
     m = result.metrics
