@@ -102,16 +102,21 @@ def task_type_of(record: dict[str, Any]) -> str:
 
 def read_records(path: Path) -> Iterator[tuple[int, Any, str]]:
     """(line, record, "") per JSONL line or Parquet row (1-based), or (line, raw text, reason) for a
-    line that is not JSON. Raises FileNotFoundError for a missing file."""
+    line that is not UTF-8 JSON. Raises FileNotFoundError for a missing file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     if path.suffix == ".parquet":
         yield from ((row, rec, "") for row, rec in enumerate(pq.read_table(path).to_pylist(), start=1))
         return
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield line_no, raw.decode("utf-8", errors="replace"), f"invalid UTF-8 ({e.reason} at byte {e.start})"
                 continue
             try:
                 yield line_no, json.loads(line), ""

@@ -1,8 +1,8 @@
 """Supervised fine-tuning on chat examples, with the loss on the assistant's tokens only.
 
     flywheel stage sft dataset=data/clean policy=<checkpoint> output_dir=/tmp/sft train.max_steps=50
-    flywheel stage sft messages=chats.jsonl policy=<checkpoint> output_dir=/tmp/sft packing=true seq_len=1024
-    flywheel stage sft gsm8k=../shared/datasets/gsm8k/train.jsonl policy=<checkpoint> output_dir=/tmp/sft lora.r=64
+    flywheel stage sft messages=chats.jsonl replay_fraction=0 policy=<ckpt> output_dir=/tmp/sft packing=true
+    flywheel stage sft gsm8k=../shared/datasets/gsm8k/train.jsonl replay_fraction=0 policy=<ckpt> output_dir=/tmp/sft lora.r=64
 
 Examples come from one of three places:
 - `messages`: a JSONL/Parquet file of `{"messages": [{"role", "content"}, ...], "task_type": ...}`
@@ -76,7 +76,8 @@ class SFTConfig:
         if self.dataset is None and self.messages is None and self.gsm8k is None:
             raise ValueError("sft: set sft.dataset (arithmetic examples), sft.messages or sft.gsm8k")
         if self.replay_fraction and self.dataset is None:
-            raise ValueError("sft.replay_fraction > 0 replays sft.dataset's text: set sft.dataset")
+            raise ValueError(f"sft.replay_fraction={self.replay_fraction} replays sft.dataset's text: set sft.dataset "
+                             "or sft.replay_fraction=0")
         if self.seq_len < 0 or self.batch_size < 1:
             raise ValueError(f"sft.seq_len must be >= 0 and sft.batch_size >= 1, got {self.seq_len}, {self.batch_size}")
 

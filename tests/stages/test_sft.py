@@ -197,6 +197,8 @@ def test_messages_file_trains_reports_the_task_mix_and_quarantines_bad_records(p
              "",
              good[3]]
     path = write_jsonl(tmp_path / "chats.jsonl", lines)
+    with open(path, "ab") as f:  # line 13: not UTF-8
+        f.write(b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n')
     tracker = RecordingTracker()
     out = tmp_path / "run"
     result = sft.run(SFTConfig(messages=path, policy=pretrained.checkpoint, output_dir=out, batch_size=4,
@@ -205,7 +207,7 @@ def test_messages_file_trains_reports_the_task_mix_and_quarantines_bad_records(p
     quarantined = [json.loads(x) for x in (out / QUARANTINE).read_text().splitlines()]
     assert {q["file"] for q in quarantined} == {str(path)}
     reasons = {q["line"]: q["reason"] for q in quarantined}
-    assert sorted(reasons) == [4, 5, 6, 7, 8, 9, 10]
+    assert sorted(reasons) == [4, 5, 6, 7, 8, 9, 10, 13]
     assert reasons[4] == "empty messages"
     assert "unknown role 'bot'" in reasons[5]
     assert "no assistant turn" in reasons[6]
@@ -213,10 +215,11 @@ def test_messages_file_trains_reports_the_task_mix_and_quarantines_bad_records(p
     assert "longer than the context of 128" in reasons[8]
     assert reasons[9].startswith("invalid JSON")
     assert "unknown task_type 'poetry'" in reasons[10]
+    assert reasons[13].startswith("invalid UTF-8")
     assert all(len(q["raw"]) <= sft.RAW_CHARS for q in quarantined)
 
     report = json.loads((out / REPORT).read_text())
-    assert report["source"] == "messages" and report["examples"] == 4 and report["quarantined"] == 7
+    assert report["source"] == "messages" and report["examples"] == 4 and report["quarantined"] == 8
     mix = {t: v["examples"] for t, v in report["task_types"].items()}
     assert mix == {t: (1 if t in ("chat", "summarization", "other", "closed_qa") else 0) for t in TASK_TYPES}
     assert report["task_types"]["chat"]["share"] == 0.25
@@ -225,7 +228,7 @@ def test_messages_file_trains_reports_the_task_mix_and_quarantines_bad_records(p
         sum(conversation_ids(ckpt.load_tokenizer(pretrained.checkpoint), good[1]["messages"])[1])
     (step0,) = [m for s, m in tracker.metrics if s == 0]
     assert step0["data/task_type/summarization"] == 1.0 and step0["data/task_type/rewrite"] == 0.0
-    assert step0["data/quarantined"] == 7.0 and result.metrics["data/examples"] == 4.0
+    assert step0["data/quarantined"] == 8.0 and result.metrics["data/examples"] == 4.0
     assert math.isfinite(result.metrics["train/loss"]) and ckpt.is_complete(out)
 
 
