@@ -137,8 +137,10 @@ def parent_summary(policy: Path) -> dict[str, Any]:
         return {}
     # The config travels too: a checkpoint copied out of the registry, away from its ancestors'
     # folders, still knows e.g. which documents its pretraining held out.
+    # Monitor alarms too: a policy that gamed its reward passes that on to what is trained from it.
     return {"stage": meta.get("stage"), "config": meta.get("config", {}), "lineage": meta.get("lineage", {}),
-            "parent": meta.get("parent"), "parent_meta": meta.get("parent_meta")}
+            "parent": meta.get("parent"), "parent_meta": meta.get("parent_meta"),
+            **({"monitors": {"alarms": meta["monitors"].get("alarms", [])}} if meta.get("monitors") else {})}
 
 
 def frozen_copy(model: PreTrainedModel, device: torch.device) -> PreTrainedModel:
