@@ -30,7 +30,8 @@ from pathlib import Path
 
 from infra.settings import apply_offline_env, load_settings
 
-STAGES = ("collect", "clean", "validate", "tokenizer", "pretrain", "sft", "dpo", "grpo", "evaluate")
+STAGES = ("collect", "clean", "validate", "tokenizer", "base_model", "pretrain", "sft", "reward", "dpo", "ppo", "grpo",
+          "rejection", "evaluate")
 
 
 class _CurrentStderr(logging.StreamHandler):

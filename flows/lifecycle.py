@@ -1,5 +1,8 @@
 """The lifecycle: data -> tokenizer -> pretrain -> align -> evaluate -> promote -> serve, one Prefect flow.
 
+    flywheel run --preset tiny recipe=instructgpt           # SFT -> reward model -> PPO
+    flywheel run --preset tiny base_model=/models/qwen2     # no tokenizer or pretraining: align a given model
+
     flywheel run --preset tiny                  # services up, then this flow
     python -m flows.lifecycle                   # the same flow, against PREFECT_API_URL
 
@@ -17,7 +20,7 @@ import importlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,7 @@ from stages.validate import raise_for_failures
 
 EXPERIMENT = "flywheel"
 DATASET_NAME = "clean"
+REJECTION_DATA = "rejection-sft"  # data/<name>: the SFT data rejection sampling writes, one DVC version per run
 
 
 @dataclass
@@ -117,16 +121,56 @@ def pretrain_flow(cfg: LifecycleConfig, ctx: RunContext, dataset: Path, tokenize
     return result.checkpoint, run_id
 
 
+@flow(name="base-model", validate_parameters=False)
+def base_model_flow(cfg: LifecycleConfig, ctx: RunContext, source: Path) -> tuple[Path, str]:
+    """A user's Hugging Face model, made ready for the recipes (pad, chat template, reasoning tokens)."""
+    result, run_id = run_stage("base_model", cfg.build("base_model", source=source, output_dir=ctx.out("base_model"),
+                                                       lineage=dict(ctx.lineage)), ctx)
+    return result.checkpoint, run_id
+
+
+@task(cache_policy=NO_CACHE)
+def version_sft_data(path: Path, name: str) -> data_versions.DataVersion:
+    """Rejection sampling writes a new SFT dataset: it gets a DVC version like the cleaned corpus."""
+    s = load_settings()
+    data_versions.ensure_repo(s.repo_root, s.dvc_remote)
+    return data_versions.version_dataset(s.repo_root, Path(path), name, s.dvc_remote)
+
+
 @flow(name="align", validate_parameters=False)
 def align_flow(cfg: LifecycleConfig, ctx: RunContext, dataset: Path, base: Path) -> dict[str, tuple[Path, str]]:
-    """SFT -> DPO -> GRPO, each starting from the previous stage's final checkpoint."""
-    policy, produced, lineage = base, {}, dict(ctx.lineage)
-    for name in ("sft", "dpo", "grpo"):
-        stage_cfg = cfg.build(name, dataset=dataset, policy=policy, output_dir=ctx.out(name), lineage=dict(lineage))
-        result, run_id = run_stage(name, stage_cfg, ctx)
-        policy = result.checkpoint
-        produced[name] = (policy, run_id)
+    """The recipe of `align.recipe`, each stage starting from an earlier stage's final checkpoint.
+
+    Returns the policies in order (name -> (checkpoint, MLflow run id)); the last one is the candidate.
+    The reward model is a product of the phase but not a policy: its run id joins the lineage only.
+    """
+    produced: dict[str, tuple[Path, str]] = {}
+    lineage = dict(ctx.lineage)
+
+    def stage(name: str, **wiring: Any) -> Any:
+        result, run_id = run_stage(name, cfg.build(name, output_dir=ctx.out(name), lineage=dict(lineage), **wiring), ctx)
         lineage[f"{name}.run_id"] = run_id
+        if name not in ("reward", "rejection"):
+            produced[name] = (result.checkpoint, run_id)
+        return result
+
+    if cfg.build("align").recipe == "instructgpt":
+        sft = stage("sft", dataset=dataset, policy=base).checkpoint
+        reward_model = stage("reward", dataset=dataset, policy=sft).checkpoint
+        stage("ppo", dataset=dataset, policy=sft, reward_model=reward_model)
+    else:
+        policy = stage("sft", dataset=dataset, policy=base).checkpoint
+        policy = stage("dpo", dataset=dataset, policy=policy).checkpoint
+        policy = stage("grpo", dataset=dataset, policy=policy).checkpoint
+        kept = stage("rejection", dataset=dataset, policy=policy)
+        if kept.metrics.get("rejection/kept", 0) > 0:
+            version = version_sft_data(kept.dataset, REJECTION_DATA)
+            lineage |= {"rejection.dvc_md5": version.md5, "rejection.path": f"data/{REJECTION_DATA}"}
+            stage("rejection_sft", dataset=dataset, messages=version.path / Path(kept.dataset).name, policy=policy)
+        else:  # nothing good enough to learn from: the RL policy stays the candidate
+            get_run_logger().warning("rejection sampling kept no answer (rejection.min_score too high for this "
+                                     "policy?): no rejection_sft; the GRPO policy is the candidate")
+    ctx.lineage |= {k: v for k, v in lineage.items() if k.startswith(("reward.", "rejection."))}
     return produced
 
 
@@ -136,6 +180,15 @@ class Scored:
 
     metrics: dict[str, float]
     items: Path
+    alarms: tuple[dict, ...] = ()  # reward-hacking monitor alarms on its answers: the gate refuses them
+
+
+def evaluate_config(cfg: LifecycleConfig, **wiring: Any) -> Any:
+    """The evaluate section; a given base model has no pretraining held-out split, so no `heldout` task."""
+    ev = cfg.build("evaluate", **wiring)
+    if cfg.build("align").base_model is not None:
+        ev = replace(ev, tasks=tuple(t for t in ev.tasks if t != "heldout"))
+    return ev
 
 
 @flow(name="evaluate", validate_parameters=False)
@@ -143,9 +196,9 @@ def evaluate_flow(cfg: LifecycleConfig, ctx: RunContext, dataset: Path, checkpoi
     """Each checkpoint on the same held-out data: the learning curve of the lifecycle."""
     scores = {}
     for label, checkpoint in checkpoints.items():
-        stage_cfg = cfg.build("evaluate", checkpoint=checkpoint, dataset=dataset, output_dir=ctx.out(f"evaluate-{label}"))
+        stage_cfg = evaluate_config(cfg, checkpoint=checkpoint, dataset=dataset, output_dir=ctx.out(f"evaluate-{label}"))
         result, _ = run_stage("evaluate", stage_cfg, ctx, run_name=f"evaluate-{label}")
-        scores[label] = Scored(_finite(result.metrics), result.items)
+        scores[label] = Scored(_finite(result.metrics), result.items, tuple(result.alarms))
     return scores
 
 
@@ -179,7 +232,7 @@ def promote_flow(cfg: LifecycleConfig, ctx: RunContext, checkpoint: Path, scored
     mine, theirs = read_items(scored.items), None
     if expected is not None:
         champ_dir = models.download_version(client, promote.model_name, expected, dst=ctx.out(f"champion-v{expected}"))
-        champ_cfg = cfg.build("evaluate", checkpoint=champ_dir, dataset=dataset,
+        champ_cfg = evaluate_config(cfg, checkpoint=champ_dir, dataset=dataset,
                               output_dir=ctx.out(f"evaluate-champion-v{expected}"))
         champ_result, _ = run_stage("evaluate", champ_cfg, ctx, run_name=f"evaluate-champion-v{expected}")
         theirs = read_items(champ_result.items)
@@ -191,6 +244,8 @@ def promote_flow(cfg: LifecycleConfig, ctx: RunContext, checkpoint: Path, scored
         metric_tags = {f"eval.{k}": repr(v) for k, v in scored.metrics.items()}
         version = models.register_checkpoint(tracker.client, promote.model_name, checkpoint, tracker.run_id,
                                              tags={**ctx.lineage, **metric_tags})
+        if scored.alarms:  # the training stages' alarms came with meta.json; evaluation's are added here
+            models.record_alarms(tracker.client, promote.model_name, version, list(scored.alarms))
         try:
             passed = models.promote_if_passed(tracker.client, promote.model_name, version, verdicts, expected=expected)
         except models.ChampionChanged as err:
@@ -242,16 +297,24 @@ def lifecycle(preset: str = "tiny", overrides: list[str] | None = None) -> dict[
     try:
         data = phase("data", data_flow, cfg, ctx)
         ctx.lineage |= {"data.dvc_md5": data.md5, "data.path": f"data/{data.name}"}
-        tokenizer, tok_run = phase("tokenizer", tokenizer_flow, cfg, ctx, data.path)
-        ctx.lineage["tokenizer.run_id"] = tok_run
-        base, pt_run = phase("pretrain", pretrain_flow, cfg, ctx, data.path, tokenizer)
-        ctx.lineage["pretrain.run_id"] = pt_run
+        source = cfg.build("align").base_model
+        if source is None:
+            tokenizer, tok_run = phase("tokenizer", tokenizer_flow, cfg, ctx, data.path)
+            ctx.lineage["tokenizer.run_id"] = tok_run
+            base, pt_run = phase("pretrain", pretrain_flow, cfg, ctx, data.path, tokenizer)
+            ctx.lineage["pretrain.run_id"] = pt_run
+            first = "pretrain"
+        else:
+            base, base_run = phase("base_model", base_model_flow, cfg, ctx, Path(source))
+            ctx.lineage |= {"base_model.run_id": base_run, "base_model.source": str(source)}
+            first = "base_model"
         aligned = phase("align", align_flow, cfg, ctx, data.path, base)
         ctx.lineage |= {f"{name}.run_id": run_id for name, (_, run_id) in aligned.items()}
-        checkpoints = {"pretrain": base, **{k: v[0] for k, v in aligned.items()}}
+        checkpoints = {first: base, **{k: v[0] for k, v in aligned.items()}}
         scored = phase("evaluate", evaluate_flow, cfg, ctx, data.path, checkpoints)
-        final = checkpoints["grpo"]
-        promotion = phase("promote", promote_flow, cfg, ctx, final, scored["grpo"], data.path)
+        candidate = list(aligned)[-1]
+        final = checkpoints[candidate]
+        promotion = phase("promote", promote_flow, cfg, ctx, final, scored[candidate], data.path)
         serving = None
         serve = cfg.build("serve")
         if serve.enabled and promotion.champion is not None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from infra.ray_executor import RayConfig
 from registry.gate import GateSpec
+from stages.base_model import BaseModelConfig
 from stages.clean import CleanConfig
 from stages.collect import CollectConfig
 from stages.config import ConfigError, deep_merge, from_dict, load_preset, parse_overrides
@@ -21,7 +22,10 @@ from stages.dpo import DPOConfig
 from stages.evaluate import EvaluateConfig
 from stages.grpo import GRPOConfig
 from stages.model import ModelConfig
+from stages.ppo import PPOConfig
 from stages.pretrain import PretrainConfig
+from stages.rejection import RejectionConfig
+from stages.reward import RewardConfig
 from stages.sft import SFTConfig
 from stages.tokenizer import TokenizerConfig
 from stages.validate import ValidateConfig
@@ -58,6 +62,32 @@ class PromoteConfig:
 
     def __post_init__(self) -> None:
         self.specs()
+
+
+RECIPES = ("r1", "instructgpt")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlignConfig:
+    """Which post-training recipe the align phase runs, and what it starts from.
+
+    - `r1` (DeepSeek-R1's shape): SFT -> DPO -> GRPO with verifiable rewards -> rejection sampling of
+      the RL policy's best answers -> SFT on them (section `rejection_sft`).
+    - `instructgpt` (Ouyang et al.): SFT -> reward model -> PPO against it with a KL penalty.
+
+    `base_model` is any Hugging Face causal-LM directory (Llama, Qwen2, GPT-2, Mistral families): the
+    tokenizer and pretraining phases are skipped and the recipe starts from it, in its own format.
+    `recipe=` and `base_model=` also work as top-level overrides.
+    """
+
+    recipe: str = "r1"
+    base_model: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ConfigError(f"align.recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
+        if self.base_model is not None and not (Path(self.base_model) / "config.json").exists():
+            raise ConfigError(f"align.base_model={self.base_model}: no Hugging Face model there (config.json missing)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,6 +158,12 @@ SECTIONS: dict[str, tuple[type, frozenset[str]]] = {
     "sft": (SFTConfig, frozenset({"dataset", "policy", "output_dir", "lineage"})),
     "dpo": (DPOConfig, frozenset({"dataset", "policy", "output_dir", "lineage"})),
     "grpo": (GRPOConfig, frozenset({"dataset", "policy", "output_dir", "lineage"})),
+    "rejection": (RejectionConfig, frozenset({"dataset", "policy", "output_dir", "lineage"})),
+    "rejection_sft": (SFTConfig, frozenset({"dataset", "messages", "policy", "output_dir", "lineage"})),
+    "reward": (RewardConfig, frozenset({"dataset", "policy", "output_dir", "lineage"})),
+    "ppo": (PPOConfig, frozenset({"dataset", "policy", "reward_model", "output_dir", "lineage"})),
+    "align": (AlignConfig, frozenset()),
+    "base_model": (BaseModelConfig, frozenset({"source", "output_dir", "lineage"})),
     "evaluate": (EvaluateConfig, frozenset({"checkpoint", "dataset", "output_dir"})),
     "ray": (RayConfig, frozenset()),
     "promote": (PromoteConfig, frozenset()),
@@ -147,6 +183,9 @@ class LifecycleConfig:
     @classmethod
     def load(cls, preset: str = "tiny", overrides: list[str] | None = None) -> LifecycleConfig:
         values = deep_merge(load_preset(preset), parse_overrides(overrides or []))
+        for key in ("recipe", "base_model"):  # the two choices a user makes most: top-level shorthands
+            if key in values and not isinstance(values[key], dict):
+                values.setdefault("align", {})[key] = values.pop(key)
         cfg = cls(preset=preset, sections={k: v or {} for k, v in values.items()})
         cfg.check()
         return cfg

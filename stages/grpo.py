@@ -35,6 +35,7 @@ import torch
 from stages import checkpoint as ckpt
 from stages.chat import load_problems, prompt_text
 from stages.config import to_dict
+from stages.monitors import MonitorConfig, RolloutMonitor
 from stages.rewards import combined, correctness
 from stages.rollout import masked_mean, pad_right, sample, token_logprobs
 from stages.tracking import NullTracker, Tracker
@@ -62,6 +63,7 @@ class GRPOConfig:
     max_refills: int = 3  # rounds of fresh prompts per rollout before training on what there is
     overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens before max_new_tokens
     overlong_penalty: float = 1.0
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)  # reward-hacking alarm thresholds
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=30, lr=1e-4, warmup_steps=0,
                                                                    log_every=5, checkpoint_every=10))
     lineage: dict = field(default_factory=dict)
@@ -160,6 +162,9 @@ def run(cfg: GRPOConfig, tracker: Tracker | None = None) -> GRPOResult:
     problems = load_problems(cfg.dataset, "train")
     tracker.log_params({"stage": "grpo", **to_dict(cfg), "data/problems": len(problems)})
     rollouts: dict[int, dict[str, torch.Tensor]] = {}
+    latest = ckpt.latest_checkpoint(cfg.output_dir)
+    monitor = RolloutMonitor(cfg.monitor, ckpt.read_meta(latest).get("monitors") if latest else None, "grpo")
+    last_kl: list[float] = []  # the KL the latest update measured, for the next rollout's monitor
 
     def sample_groups(index: int, round_: int) -> dict[str, torch.Tensor | list]:
         rng = np.random.default_rng([cfg.train.seed, index, round_])
@@ -205,6 +210,8 @@ def run(cfg: GRPOConfig, tracker: Tracker | None = None) -> GRPOResult:
         with torch.no_grad(), autocast(cfg.train, device):
             ref = token_logprobs(reference, ids.to(device), attn.to(device), temperature=cfg.temperature).float().cpu()
         completion_mask = mask[:, 1:]
+        texts = [tokenizer.decode(c, skip_special_tokens=True) for c in merged["completions"]]
+        watched = monitor.observe(index, texts, merged["lengths"], kl=last_kl[-1] if last_kl else None)
         batch = {"input_ids": ids, "attention_mask": attn, "completion_mask": completion_mask,
                  # "old" is filled at the first update from that update's own (detached) log-probs: the
                  # policy that sampled is the one being updated, so the ratio starts at exactly 1.
@@ -212,7 +219,8 @@ def run(cfg: GRPOConfig, tracker: Tracker | None = None) -> GRPOResult:
                  "advantages": group_advantages(merged["rewards"], cfg.group_size, scale=cfg.loss_type != "dr_grpo"),
                  "reward": merged["rewards"], "correct": merged["correct"],
                  "response_length": torch.tensor(merged["lengths"], dtype=torch.float),
-                 "kept_groups": torch.full((len(seqs),), kept_groups / drawn_groups)}
+                 "kept_groups": torch.full((len(seqs),), kept_groups / drawn_groups),
+                 **{name: torch.full((len(seqs),), value) for name, value in watched.items()}}
         if cfg.loss_type == "dapo":  # one token mean over the batch, also across micro-batches
             batch["loss_tokens"] = completion_mask.sum(1)
         return batch
@@ -233,10 +241,13 @@ def run(cfg: GRPOConfig, tracker: Tracker | None = None) -> GRPOResult:
         loss, metrics = grpo_loss(logp, old, b["ref_logp"], b["advantages"], b["completion_mask"], cfg.clip_eps,
                                   cfg.kl_coef, clip_eps_high=cfg.clip_eps_high, loss_type=cfg.loss_type,
                                   max_tokens=cfg.max_new_tokens)
+        last_kl[:] = [metrics["rl/kl"]]
         return loss, {**metrics, "rl/reward_mean": b["reward"].mean().item(), "rl/accuracy": b["correct"].mean().item(),
                       "rl/response_length": b["response_length"].mean().item(),
-                      "rl/kept_groups": b["kept_groups"].mean().item()}
+                      "rl/kept_groups": b["kept_groups"].mean().item(),
+                      **{k: v.mean().item() for k, v in b.items() if k.startswith("monitor/")}}
 
     result = tune_policy("grpo", cfg, model, tokenizer, batch_at=batch_at, loss_fn=loss_fn, tracker=tracker,
-                         curves=["rl/reward_mean", "rl/accuracy", "rl/kl"])
+                         curves=["rl/reward_mean", "rl/accuracy", "rl/kl"],
+                         extra_meta=lambda: {"monitors": monitor.state()})
     return GRPOResult(checkpoint=ckpt.final_dir(cfg.output_dir), metrics=result.metrics)

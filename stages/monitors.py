@@ -28,12 +28,15 @@ curated on purpose: a monitor is a tripwire with a readable definition, not a cl
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 # Case-insensitive; a phrase that starts/ends with a letter or digit must start/end on a word boundary
 # ("definitely" does not match "indefinitely"). Curly apostrophes are read as straight ones.
@@ -311,3 +314,33 @@ def format_alarms(alarms: Iterable[Alarm | dict]) -> str:
     'monitor/kl=0.41>0.3; monitor/polite_share=0.6>0.5'
     """
     return "; ".join((a if isinstance(a, Alarm) else Alarm.from_dict(a)).short() for a in alarms)
+
+
+class RolloutMonitor:
+    """The monitors on every rollout of an RL stage, and the worst alarm per metric for its meta.json.
+
+    The reference lengths are the first rollout's (the policy is still the reference then). `state()`
+    carries them and the alarms into a checkpoint, and a resumed run starts from that state, so its
+    alarms are the uninterrupted run's.
+    """
+
+    def __init__(self, cfg: MonitorConfig, state: dict | None = None, stage: str = "rl") -> None:
+        self.cfg, self.stage = cfg, stage
+        state = state or {}
+        self.reference_lengths: list[int] | None = state.get("reference_lengths")
+        self.worst = [Alarm.from_dict(a) for a in state.get("alarms", [])]
+
+    def state(self) -> dict:
+        return {"reference_lengths": self.reference_lengths, "alarms": [a.to_dict() for a in self.worst]}
+
+    def observe(self, index: int, texts: Sequence[str], lengths: Sequence[int], **signals) -> dict[str, float]:
+        """`monitor_texts` on rollout `index` (signals: kl, rm_scores, verifier_scores, groups), alarms logged."""
+        lengths = [int(n) for n in lengths]
+        if index == 0 or self.reference_lengths is None:
+            self.reference_lengths = lengths
+        metrics = monitor_texts(texts, lengths=lengths, reference_lengths=self.reference_lengths, **signals)
+        alarms = check(metrics, self.cfg)
+        for alarm in alarms:
+            log.warning("%s rollout %d: %s", self.stage, index, alarm.message)
+        self.worst = worst_per_metric([*self.worst, *alarms])
+        return metrics

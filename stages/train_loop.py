@@ -226,8 +226,12 @@ def train(
     tracker: Tracker | None = None,
     desc: str = "train",
     flops_per_token: float | None = None,
+    extra_meta: Callable[[], dict[str, Any]] | None = None,
 ) -> TrainResult:
-    """Run `cfg.max_steps` optimizer steps (resuming from the newest checkpoint) and save `final/`."""
+    """Run `cfg.max_steps` optimizer steps (resuming from the newest checkpoint) and save `final/`.
+
+    `extra_meta()` adds what is known only as training goes (e.g. reward-hacking alarms) to every
+    checkpoint's meta.json."""
     tracker = tracker or NullTracker()
     rank, world = dist_info()
     device = pick_device()
@@ -322,7 +326,8 @@ def train(
                     shown["reward"] = f"{last['rl/reward_mean']:.3f}"
                 bar.set_postfix(shown)
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
-            _save(ckpt.step_dir(output_dir, done), raw_model, tokenizer, meta, optimizer, scheduler, done, rank, world)
+            _save(ckpt.step_dir(output_dir, done), raw_model, tokenizer, {**meta, **(extra_meta() if extra_meta else {})},
+                  optimizer, scheduler, done, rank, world)
             if rank == 0:
                 ckpt.prune_checkpoints(output_dir, cfg.keep_checkpoints)
     bar.close()
@@ -334,7 +339,8 @@ def train(
         if evaluate is not None:
             tracker.log_metrics({k: v for k, v in final_metrics.items() if k.startswith("eval/")}, step=cfg.max_steps)
         ckpt.save_checkpoint(ckpt.final_dir(output_dir), raw_model, tokenizer,
-                             {**meta, "step": cfg.max_steps, "metrics": final_metrics})
+                             {**meta, **(extra_meta() if extra_meta else {}), "step": cfg.max_steps,
+                              "metrics": final_metrics})
     if world > 1:
         dist.barrier()
     return TrainResult(step=cfg.max_steps, metrics=final_metrics, history=history)
@@ -370,7 +376,8 @@ def _save(path, model, tokenizer, meta, optimizer, scheduler, step, rank, world)
 
 
 def tune_policy(stage: str, cfg: Any, model: torch.nn.Module, tokenizer, *, batch_at: Callable[[int], Batch],
-                loss_fn: LossFn, tracker: Tracker, curves: list[str]) -> TrainResult:
+                loss_fn: LossFn, tracker: Tracker, curves: list[str],
+                extra_meta: Callable[[], dict[str, Any]] | None = None) -> TrainResult:
     """Train `cfg.policy` into `cfg.output_dir`: the shared body of SFT, DPO and GRPO.
 
     Records the parent checkpoint's ancestry in meta.json and logs a plot of `curves`.
@@ -378,7 +385,7 @@ def tune_policy(stage: str, cfg: Any, model: torch.nn.Module, tokenizer, *, batc
     meta = {"stage": stage, "config": to_dict(cfg), "lineage": cfg.lineage, "parent": str(cfg.policy),
             "parent_meta": ckpt.parent_summary(cfg.policy)}
     result = train(model, tokenizer, cfg=cfg.train, batch_at=batch_at, loss_fn=loss_fn, output_dir=cfg.output_dir,
-                   meta=meta, tracker=tracker, desc=stage)
+                   meta=meta, tracker=tracker, desc=stage, extra_meta=extra_meta)
     plot = plot_curves(result.history, Path(cfg.output_dir) / f"{stage}_curves.png", stage.upper(), curves)
     if plot:
         tracker.log_artifact(plot)

@@ -39,6 +39,9 @@ FAST = [
     "pretrain.train.checkpoint_every=8",
     "sft.batch_size=8", "sft.train.max_steps=6", "dpo.batch_size=4", "dpo.train.max_steps=3",
     "grpo.group_size=2", "grpo.prompts_per_step=2", "grpo.max_new_tokens=8", "grpo.train.max_steps=2",
+    # min_score 0: keep every prompt's best answer (a 2-step policy is never right, and 1.0 would keep none)
+    "rejection.n=2", "rejection.max_prompts=8", "rejection.max_new_tokens=8", "rejection.min_score=0",
+    "rejection_sft.batch_size=4", "rejection_sft.train.max_steps=2",
     "evaluate.arithmetic_problems=10", "evaluate.perplexity_windows=16",
     "promote.gates.eval/heldout/nll.higher_is_better=false", "promote.gates.eval/heldout/nll.margin=0",
     "promote.gates.eval/arithmetic/accuracy.floor=0", "serve.enabled=false",
@@ -72,7 +75,8 @@ def test_first_run_registers_a_loadable_champion_with_lineage(first_run, workspa
     dvc = yaml.safe_load((workspace / "data" / "clean.dvc").read_text())
     assert tags["data.dvc_md5"] == dvc["outs"][0]["md5"]
     for key in ("tokenizer.run_id", "pretrain.run_id", "sft.run_id", "dpo.run_id", "grpo.run_id",
-                "lifecycle.run_id", "git.commit", "gate.passed"):
+                "rejection.run_id", "rejection.dvc_md5", "rejection_sft.run_id", "lifecycle.run_id", "git.commit",
+                "gate.passed"):
         assert tags.get(key), f"missing lineage tag {key}"
     assert tags["gate.passed"] == "true"
     # every stage's MLflow run is nested under the lifecycle's parent run
@@ -91,8 +95,12 @@ def test_first_run_registers_a_loadable_champion_with_lineage(first_run, workspa
     out = model.generate(**prompt, max_new_tokens=5, do_sample=False)
     assert out.shape[1] > prompt["input_ids"].shape[1]
     meta = json.loads((local / "meta.json").read_text())
-    assert meta["stage"] == "grpo" and meta["lineage"]["data.dvc_md5"] == tags["data.dvc_md5"]
-    assert meta["parent_meta"]["stage"] == "dpo"
+    # recipe r1: ... -> GRPO -> rejection sampling -> SFT on the kept answers, which is the candidate
+    assert meta["stage"] == "sft" and meta["lineage"]["data.dvc_md5"] == tags["data.dvc_md5"]
+    assert meta["parent_meta"]["stage"] == "grpo" and meta["parent_meta"]["parent_meta"]["stage"] == "dpo"
+    assert meta["lineage"]["rejection.dvc_md5"] == tags["rejection.dvc_md5"]
+    rejection_dvc = yaml.safe_load((workspace / "data" / "rejection-sft.dvc").read_text())
+    assert tags["rejection.dvc_md5"] == rejection_dvc["outs"][0]["md5"]
 
 
 def test_evaluate_any_version_on_any_tasks(first_run, capsys):
@@ -155,6 +163,33 @@ def test_prefect_recorded_the_flow_and_its_summary(first_run):
         assert any(r.state and r.state.is_completed() for r in runs)
         phases = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["pretrain", "align", "promote"])))
         assert {r.state.name for r in phases} >= {"Completed"}
+
+
+def test_instructgpt_recipe_aligns_a_foreign_base_model(first_run, tmp_path):
+    # A user's own Qwen2 (built from config, never downloaded): no tokenizer or pretraining phase;
+    # SFT -> reward model -> PPO; the registered version is still a Qwen2 in Qwen2's format.
+    from tests.stages.foreign import build
+
+    client, champion = first_run
+    source = build("qwen2", tmp_path / "qwen2")
+    fast = [o for o in FAST if "heldout/nll" not in o]  # a given base has no pretraining held-out split
+    summary = lifecycle(preset="tiny", overrides=[
+        *fast, "recipe=instructgpt", f"base_model={source}", "reward.batch_size=4", "reward.train.max_steps=3",
+        "ppo.prompts_per_rollout=4", "ppo.max_new_tokens=8", "ppo.train.max_steps=2", "ppo.train.checkpoint_every=2",
+        "promote.model_name=byo-qwen2"])  # its own registered model: flywheel-chat's champion stays as it is
+    version = client.get_model_version("byo-qwen2", summary["version"])
+    tags = version.tags
+    for key in ("base_model.run_id", "sft.run_id", "reward.run_id", "ppo.run_id"):
+        assert tags.get(key), f"missing lineage tag {key}"
+    assert tags["base_model.source"] == str(source)
+    assert "pretrain.run_id" not in tags and "tokenizer.run_id" not in tags and "grpo.run_id" not in tags
+    assert list(summary["scores"]) == ["base_model", "sft", "ppo"]
+    assert models.resolve(client, MODEL).version == champion.version
+    local = models.download_version(client, "byo-qwen2", summary["version"], dst=tmp_path / "registered")
+    config = json.loads((local / "config.json").read_text())
+    assert config["model_type"] == "qwen2" and config["architectures"] == ["Qwen2ForCausalLM"]
+    meta = json.loads((local / "meta.json").read_text())
+    assert meta["stage"] == "ppo" and meta["parent_meta"]["stage"] == "sft"
 
 
 def test_config_typo_fails_before_anything_starts(capsys):
