@@ -27,6 +27,7 @@ stage are still a Qwen2 (or GPT-2, ...) that vLLM and lm-evaluation-harness load
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ from stages import checkpoint as ckpt
 from stages.config import ConfigError, to_dict
 from stages.tokenizer import CHAT_TEMPLATE, END_OF_TURN, PAD, REASONING_MARKERS, ROLES
 from stages.tracking import NullTracker, Tracker
+
+log = logging.getLogger(__name__)
 
 STAGE = "base_model"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -97,13 +100,22 @@ def check_source(source: Path) -> Any:
 def end_of_turn(tokenizer, source: Path) -> str:
     """The token the chat template writes right after an assistant reply (checked by rendering one)."""
     user = [{"role": "user", "content": PROBE_QUESTION}]
-    prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": PROBE_REPLY}], tokenize=False)
-    # The stages train on prompt + reply + eos: the template must render exactly that, in that order.
-    if not full.startswith(prompt + PROBE_REPLY):
+    try:
+        prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": PROBE_REPLY}], tokenize=False)
+    except Exception as e:  # jinja2 errors and the template's own raise_exception alike
+        raise refuse(source, f"the chat template fails on a user/assistant conversation ({e})") from None
+    # The stages train on prompt + reply + eos: the template must render that, in that order. Blanks
+    # around the reply (Llama-2's "[/INST] reply </s>") are tolerated: the stages then differ from
+    # the template by whitespace only.
+    between = full[len(prompt):] if full.startswith(prompt) else ""
+    if not between.lstrip().startswith(PROBE_REPLY):
         raise refuse(source, f"the chat template does not render the reply right after its generation prompt "
                              f"(prompt {prompt!r}, conversation {full!r})")
-    after_reply = full[len(prompt + PROBE_REPLY):]
+    tail = between.lstrip()[len(PROBE_REPLY):]
+    after_reply = tail.lstrip()
+    if between != PROBE_REPLY + after_reply:
+        log.warning("base_model: %s's template puts blanks around the reply; the stages train without them", source)
     suffix = tokenizer(after_reply, add_special_tokens=False)["input_ids"]
     token = tokenizer.convert_ids_to_tokens(suffix[0]) if suffix else None
     if token not in tokenizer.get_added_vocab():

@@ -1,8 +1,9 @@
 """Bring your own base model: a Llama, Qwen2, GPT-2 or Mistral directory, prepared once, carries every
 alignment stage and stays its own architecture, with its own tokenizer and chat template.
 
-The foreign models are tiny ones built from config (tests/stages/foreign.py); the stage chain runs
-on qwen2 in the fast suite and on the other three families under `slow`.
+The foreign models are tiny ones built from config (tests/stages/foreign.py). Both recipes' stages
+(SFT, DPO, GRPO; reward model, PPO) run on qwen2 in the fast suite and on the other three families
+under `slow`.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaForSequenceClassification, LogitsProcessor,
-                          LogitsProcessorList)
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          LlamaForSequenceClassification, LogitsProcessor, LogitsProcessorList)
 
-from stages import base_model, dpo, grpo, sft
+from stages import base_model, dpo, grpo, ppo, reward, sft
 from stages import checkpoint as ckpt
 from stages.base_model import BaseModelConfig, BaseModelError, prepare
 from stages.chat import prompt_and_response, prompt_ids, prompt_text
@@ -217,6 +218,31 @@ def test_a_directory_that_is_not_a_causal_lm_with_a_tokenizer_is_one_clear_error
         assert not (tmp_path / "out" / path.name / "final").exists()
 
 
+LLAMA2_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+                   "{% else %} {{ m['content'] }} {{ eos_token }}{% endif %}{% endfor %}")
+
+
+@pytest.mark.parametrize(("template", "why"), [
+    (LLAMA2_TEMPLATE, None),  # blanks around the reply: accepted, end of turn still </s>
+    ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+     "{% if add_generation_prompt %}assistant: {% endif %}", "not with a single special token"),
+    ("{% for m in messages %}{{ m['content'] }}{% endfor %}{{ raise_exception('no roles here') }}", "no roles here"),
+    ("{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}",
+     "does not render the reply"),
+])
+def test_the_end_of_turn_is_read_from_the_template_or_refused(tmp_path: Path, template: str, why: str | None) -> None:
+    source = foreign.build("mistral", tmp_path / "src")
+    tok = AutoTokenizer.from_pretrained(source)
+    tok.chat_template = template
+    tok.save_pretrained(source)
+    if why is None:
+        final = prepare(source, tmp_path / "out")
+        assert AutoTokenizer.from_pretrained(final).eos_token == "</s>"
+        return
+    with pytest.raises(BaseModelError, match=why):
+        prepare(source, tmp_path / "out")
+
+
 def test_the_stage_runs_from_command_line_overrides(bases: Bases, tmp_path: Path) -> None:
     cfg = from_dict(BaseModelConfig, parse_overrides([f"source={bases.source('qwen2')}", f"output_dir={tmp_path}"]))
     # flows/cli.py picks a stage's config as the first *Config class the module defines.
@@ -255,42 +281,72 @@ class StopAfter(LogitsProcessor):
         return scores
 
 
+PARENT = {"sft": "base", "dpo": "sft", "grpo": "dpo", "reward": "sft", "ppo": "sft"}
+POLICIES = ("sft", "dpo", "grpo", "ppo")  # the reward model is no causal LM
+
+
+def family_class(arch: str, head: str = "causal") -> str:
+    name = foreign.MODEL_CLASS[arch].__name__
+    return name if head == "causal" else name.replace("LMHeadModel", "ForCausalLM").replace("ForCausalLM", head)
+
+
 @pytest.fixture(scope="module", params=CHAIN_ARCHS)
 def aligned(request: pytest.FixtureRequest, bases: Bases, corpus: Path, tmp_path_factory) -> Aligned:
-    """SFT -> DPO -> GRPO, a few steps each, from the prepared base of one family."""
+    """Both recipes, a few steps per stage, from the prepared base of one family:
+    SFT -> DPO -> GRPO (R1's), and SFT -> reward model -> PPO (InstructGPT's)."""
     arch, base = request.param, bases.prepared(request.param)
     out = tmp_path_factory.mktemp(f"aligned-{arch}")
-    results: dict[str, object] = {}
-    results["sft"] = sft.run(sft.SFTConfig(dataset=corpus, policy=base, output_dir=out / "sft", batch_size=4,
-                                           train=quiet_train(max_steps=3, lr=1e-3, warmup_steps=0)))
-    results["dpo"] = dpo.run(dpo.DPOConfig(dataset=corpus, policy=results["sft"].checkpoint, output_dir=out / "dpo",
-                                           batch_size=2, train=quiet_train(max_steps=2, lr=1e-4, warmup_steps=0)))
-    results["grpo"] = grpo.run(grpo.GRPOConfig(
-        dataset=corpus, policy=results["dpo"].checkpoint, output_dir=out / "grpo", group_size=2, prompts_per_step=2,
-        max_new_tokens=8, train=quiet_train(max_steps=2, lr=1e-4, warmup_steps=0, checkpoint_every=2)))
-    # stages/reward.py and stages/ppo.py join this chain once they are committed.
-    return Aligned(arch, base, results)
+    few = dict(max_steps=2, lr=1e-4, warmup_steps=0, checkpoint_every=2)
+    r: dict[str, object] = {}
+    r["sft"] = sft.run(sft.SFTConfig(dataset=corpus, policy=base, output_dir=out / "sft", batch_size=4,
+                                     train=quiet_train(max_steps=3, lr=1e-3, warmup_steps=0)))
+    r["dpo"] = dpo.run(dpo.DPOConfig(dataset=corpus, policy=r["sft"].checkpoint, output_dir=out / "dpo",
+                                     batch_size=2, train=quiet_train(**few)))
+    r["grpo"] = grpo.run(grpo.GRPOConfig(dataset=corpus, policy=r["dpo"].checkpoint, output_dir=out / "grpo",
+                                         group_size=2, prompts_per_step=2, max_new_tokens=8, train=quiet_train(**few)))
+    r["reward"] = reward.run(reward.RewardConfig(dataset=corpus, policy=r["sft"].checkpoint, output_dir=out / "reward",
+                                                 batch_size=2, train=quiet_train(**few)))
+    r["ppo"] = ppo.run(ppo.PPOConfig(dataset=corpus, policy=r["sft"].checkpoint, reward_model=r["reward"].checkpoint,
+                                     reward="both", output_dir=out / "ppo", prompts_per_rollout=2, minibatches=1,
+                                     ppo_epochs=1, max_new_tokens=6, train=quiet_train(**few)))
+    return Aligned(arch, base, r)
 
 
 def test_every_stage_keeps_the_family_format_and_its_ancestry(aligned: Aligned) -> None:
     base_tok = AutoTokenizer.from_pretrained(aligned.base)
-    parent = aligned.base
     for stage, result in aligned.results.items():
         final = result.checkpoint
         assert all(v == v for v in result.metrics.values()), (stage, result.metrics)  # no NaN
+        head = "ForSequenceClassification" if stage == "reward" else "causal"
         config = json.loads((final / "config.json").read_text())
         assert config["model_type"] == aligned.arch, stage
-        assert config["architectures"] == [foreign.MODEL_CLASS[aligned.arch].__name__], stage
-        model = AutoModelForCausalLM.from_pretrained(final)
-        assert type(model) is foreign.MODEL_CLASS[aligned.arch], stage
+        assert config["architectures"] == [family_class(aligned.arch, head)], stage
+        auto = AutoModelForSequenceClassification if stage == "reward" else AutoModelForCausalLM
+        assert type(auto.from_pretrained(final)).__name__ == family_class(aligned.arch, head), stage
         tok = AutoTokenizer.from_pretrained(final)
         assert tok.get_vocab() == base_tok.get_vocab() and tok.chat_template == base_tok.chat_template, stage
         assert (tok.eos_token, tok.pad_token, tok.bos_token, tok.padding_side) == \
             (base_tok.eos_token, base_tok.pad_token, base_tok.bos_token, "left"), stage
         meta = ckpt.read_meta(final)
+        parent = aligned.base if PARENT[stage] == "base" else aligned.results[PARENT[stage]].checkpoint
         assert meta["stage"] == stage and meta["parent"] == str(parent), stage
-        parent = final
     assert ckpt.read_meta(aligned.results["sft"].checkpoint)["parent_meta"]["stage"] == "base_model"
+    value = AutoModelForSequenceClassification.from_pretrained(aligned.results["ppo"].value_model)
+    assert type(value).__name__ == family_class(aligned.arch, "ForSequenceClassification")
+
+
+def test_the_reward_model_reads_the_end_of_turn_token_whatever_the_padding(aligned: Aligned) -> None:
+    model, tok = reward.load_reward_model(aligned.results["reward"].checkpoint)
+    assert model.config.pad_token_id == tok.pad_token_id != tok.eos_token_id
+    short = prompt_and_response(tok, QUESTION, REASONED)[0]
+    long = prompt_and_response(tok, QUESTION + " Think step by step, then answer.", REASONED + " " + REASONED)[0]
+    alone = reward.score_ids(model, tok.pad_token_id, [short])
+    padded = reward.score_ids(model, tok.pad_token_id, [short, long])
+    assert alone[0] == pytest.approx(padded[0], abs=1e-5)
+    # ... and it is the score head at the end-of-turn token, the last real one.
+    with torch.no_grad():
+        hidden = model.base_model(input_ids=torch.tensor([short])).last_hidden_state
+    assert model.score(hidden)[0, -1, 0].item() == pytest.approx(alone[0], abs=1e-5)
 
 
 def test_sft_from_the_base_reaches_the_added_marker_rows(aligned: Aligned) -> None:
@@ -304,9 +360,10 @@ def test_sft_from_the_base_reaches_the_added_marker_rows(aligned: Aligned) -> No
 
 
 def test_aligned_checkpoints_generate_stop_at_the_end_of_turn_and_keep_the_markers(aligned: Aligned) -> None:
-    for stage, result in aligned.results.items():
-        model = AutoModelForCausalLM.from_pretrained(result.checkpoint).eval()
-        tok = AutoTokenizer.from_pretrained(result.checkpoint)
+    for stage in POLICIES:
+        final = aligned.results[stage].checkpoint
+        model = AutoModelForCausalLM.from_pretrained(final).eval()
+        tok = AutoTokenizer.from_pretrained(final)
         prompt = torch.tensor([prompt_ids(tok, QUESTION)])
         free = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, min_new_tokens=5)
         assert free.shape[1] == prompt.shape[1] + 5 and int(free.max()) < len(tok), stage
