@@ -255,6 +255,23 @@ def test_margins_add_the_config_margin_to_each_pair(pretrained: Trained) -> None
     assert kept[0].chosen[-1] == tok.eos_token_id and kept[0].chosen[:-2] == kept[0].rejected[:-2]
 
 
+def test_parquet_pairs_with_message_prompts_and_margins(pretrained: Trained, tmp_path: Path) -> None:
+    import pandas as pd
+
+    rows = [{"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                        {"role": "user", "content": "2 + 2?"}], "chosen": "4", "rejected": "5", "margin": 1.5},
+            {"prompt": [{"role": "user", "content": "3 + 3?"}], "chosen": "6", "rejected": "6", "margin": 0.0}]
+    path = tmp_path / "pairs.parquet"
+    pd.DataFrame(rows).to_parquet(path)
+    tok = ckpt.load_tokenizer(pretrained.checkpoint)
+    cfg = RewardConfig(policy=pretrained.checkpoint, pairs=path, output_dir=tmp_path / "rm")
+    kept, quarantined = reward.encode_pairs(reward.load_pairs(cfg), tok, max_len=128, margin=0.0)
+    assert [p.source for p in kept] == ["pairs.parquet:1"] and kept[0].margin == 1.5
+    assert kept[0].chosen == prompt_and_response(tok, rows[0]["prompt"], "4")[0]
+    assert [(q["source"], q["reason"].split(":")[0]) for q in quarantined] == \
+        [("pairs.parquet:2", "chosen equals rejected")]
+
+
 def test_heldout_split_keeps_a_prompt_on_one_side_and_is_stable() -> None:
     pairs = [EncodedPair(f"f:{i}", f"prompt-{i % 20}", [1], [2], 0.0) for i in range(200)]
     train, held = reward.split_heldout(pairs, 0.2)
