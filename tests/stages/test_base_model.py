@@ -160,6 +160,22 @@ def test_left_padded_rollouts_and_right_padded_logprobs_match_unpadded_ones(base
     assert torch.allclose(padded[0, : len(seqs[0]) - 1], short[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", foreign.ARCHITECTURES)
+def test_packed_sft_rows_see_each_example_alone(bases: Bases, arch: str) -> None:
+    """SFT packing leaves the attention mask out and lets restarting position ids make it block-diagonal:
+    every family's mask builder must read them so (GPT-2's included)."""
+    final = bases.prepared(arch)
+    tok, model = ckpt.load_tokenizer(final), ckpt.load_model(final).eval()
+    a = prompt_and_response(tok, QUESTION, REASONED)
+    b = prompt_and_response(tok, "Sam has 12 apples and gets 7 more.", "<answer>19</answer>")
+    batch = sft.collate([[a, b]], tok.pad_token_id, len(a[0]) + len(b[0]) + 3)
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        alone = [model(input_ids=torch.tensor([ids])).logits[0] for ids, _ in (a, b)]
+    assert torch.allclose(packed[: len(a[0])], alone[0], atol=1e-4)
+    assert torch.allclose(packed[len(a[0]): len(a[0]) + len(b[0])], alone[1], atol=1e-4)
+
+
 def test_a_bf16_source_stays_bf16(tmp_path: Path) -> None:
     tok = foreign.build_tokenizer("llama")
     foreign.build_model("llama", tok).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
