@@ -16,18 +16,20 @@ Each rollout is reused for `ppo_epochs x minibatches` optimizer steps, one minib
 one training loop (`stages.train_loop.train`) runs PPO unchanged: the rollout happens inside
 `batch_at(step)`, and `train()` sees a single module holding policy and value model. That module saves
 the policy as a plain causal-LM directory (what the registry and vLLM read) and the value model under
-`value_model/`; `ppo_state.json` beside them carries the adaptive KL coefficient, so resume is exact.
+`value_model/`; meta.json carries the adaptive KL coefficient and the monitors' state, so resume is exact.
+
+Metrics: `rl/score_mean` is the reward model's (or verifier's) score, `rl/reward_mean` the score less
+the KL penalty; `rl/kl` is nats per answer (log pi - log pi_ref summed over the answer's tokens, the
+quantity the penalty charges and the controller steers; unlike GRPO's per-token k3), `rl/kl_coef` the
+controller's coefficient; `monitor/kl` is the per-token k3 KL the monitors' threshold reads.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +37,7 @@ import torch
 from stages import checkpoint as ckpt
 from stages.chat import load_problems, prompt_text
 from stages.config import to_dict
-from stages.monitors import Alarm, MonitorConfig, check, monitor_texts, worst_per_metric
+from stages.monitors import MonitorConfig, RolloutMonitor
 from stages.reward import load_reward_model, require_same_tokenizer, reward_model_from_policy
 from stages.reward import score as reward_model_scores
 from stages.rewards import combined, correctness
@@ -47,7 +49,6 @@ log = logging.getLogger(__name__)
 
 REWARDS = ("model", "verifier", "both")
 VALUE_DIR = "value_model"
-STATE_FILE = "ppo_state.json"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -254,12 +255,12 @@ class PolicyAndValue(torch.nn.Module):
 
     `forward` gives per-token log-probs (at the sampling temperature) and values, aligned so that
     position t scores token t+1 and values the state before it. `save_pretrained` writes the policy as
-    a plain causal-LM directory, the value model under `value_model/` and the PPO state beside them;
-    `generation_config` is the policy's (checkpoint.save_checkpoint assigns it).
+    a plain causal-LM directory and the value model under `value_model/`; `generation_config` is the
+    policy's (checkpoint.save_checkpoint assigns it).
     """
 
-    def __init__(self, policy: torch.nn.Module, value_model: torch.nn.Module, tokenizer, *, temperature: float,
-                 state: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, policy: torch.nn.Module, value_model: torch.nn.Module, tokenizer, *,
+                 temperature: float) -> None:
         super().__init__()
         if not hasattr(value_model, "score"):
             raise ValueError(f"value model {type(value_model).__name__} has no `score` head")
@@ -267,7 +268,6 @@ class PolicyAndValue(torch.nn.Module):
         self.value_model = value_model
         self.temperature = temperature
         self._tokenizer = tokenizer
-        self._state = state
 
     @property
     def generation_config(self):
@@ -290,7 +290,6 @@ class PolicyAndValue(torch.nn.Module):
         self.policy.save_pretrained(out, **kwargs)
         self.value_model.save_pretrained(out / VALUE_DIR, **kwargs)
         self._tokenizer.save_pretrained(out / VALUE_DIR)  # the value model loads on its own, like a reward model
-        (out / STATE_FILE).write_text(json.dumps(self._state(), indent=2))
 
 
 def load_value_model(cfg: PPOConfig, tokenizer) -> torch.nn.Module:
@@ -305,48 +304,6 @@ def check_reward_tokenizer(cfg: PPOConfig, policy_tokenizer, reward_tokenizer) -
         require_same_tokenizer(policy_tokenizer, reward_tokenizer, policy=cfg.policy, reward_model=cfg.reward_model)
     except ValueError as e:
         raise ValueError(f"ppo.reward_model: {e}") from None
-
-
-class RolloutMonitor:
-    """Reward-hacking monitors (`stages.monitors`) on every rollout's answers, and the alarms they raise.
-
-    The reference policy's answer lengths are rollout 0's (the policy is still the reference then);
-    they and the worst alarm per metric travel in the PPO state, so a resumed run keeps both.
-    """
-
-    def __init__(self, cfg: MonitorConfig, state: dict[str, Any]) -> None:
-        self.cfg = cfg
-        self.reference_lengths: list[int] | None = state.get("reference_lengths")
-        self.worst = [Alarm.from_dict(a) for a in state.get("alarms", [])]
-
-    def state(self) -> dict[str, Any]:
-        return {"reference_lengths": self.reference_lengths, "alarms": [a.to_dict() for a in self.worst]}
-
-    def observe(self, index: int, texts: list[str], lengths: torch.Tensor, kl_per_token: float,
-                rm_scores: torch.Tensor | None, verifier: torch.Tensor, tracker: Tracker, step: int) -> dict[str, float]:
-        """The rollout's monitor metrics that are defined on every rollout (they ride in the batch); the
-        reward-model/verifier divergence, undefined when the verifier ties every answer, goes straight
-        to the tracker (in a log window's mean it would be biased by the rollouts that lack it)."""
-        if index == 0:
-            self.reference_lengths = [int(x) for x in lengths.tolist()]
-        metrics = monitor_texts(texts, lengths=[int(x) for x in lengths.tolist()],
-                                reference_lengths=self.reference_lengths, kl=kl_per_token,
-                                rm_scores=None if rm_scores is None else rm_scores.tolist(),
-                                verifier_scores=None if rm_scores is None else verifier.tolist())
-        alarms = check(metrics, self.cfg)
-        for alarm in alarms:
-            log.warning("ppo rollout %d (step %d): %s", index, step, alarm.message)
-        self.worst = worst_per_metric([*self.worst, *alarms])
-        divergence = metrics.pop("monitor/rm_verifier_divergence", None)
-        if divergence is not None:
-            tracker.log_metrics({"monitor/rm_verifier_divergence": divergence}, step=step)
-        return metrics
-
-
-def _latest_state(output_dir: Path) -> dict[str, Any]:
-    latest = ckpt.latest_checkpoint(output_dir)
-    path = latest / STATE_FILE if latest is not None else None
-    return json.loads(path.read_text()) if path is not None and path.exists() else {}
 
 
 # --- the stage -------------------------------------------------------------------------------
@@ -365,11 +322,14 @@ def run(cfg: PPOConfig, tracker: Tracker | None = None) -> PPOResult:
     reference = ckpt.frozen_copy(policy, device)
     problems = load_problems(cfg.dataset, "train")
 
-    resumed = _latest_state(cfg.output_dir)  # the controller's coefficient for the next rollout
-    controller = AdaptiveKLController(resumed.get("kl_coef", cfg.kl_coef), cfg.target_kl, cfg.kl_horizon)
-    monitor = RolloutMonitor(cfg.monitor, resumed)
-    model = PolicyAndValue(policy, load_value_model(cfg, tokenizer), tokenizer, temperature=cfg.temperature,
-                           state=lambda: {"kl_coef": controller.value, **monitor.state()})
+    # A checkpoint's meta.json holds the controller's coefficient for the next rollout and the monitors'
+    # state: a resumed run continues both where the uninterrupted one would be.
+    latest = ckpt.latest_checkpoint(cfg.output_dir)
+    resumed = ckpt.read_meta(latest) if latest is not None else {}
+    controller = AdaptiveKLController(resumed.get("ppo", {}).get("kl_coef", cfg.kl_coef), cfg.target_kl,
+                                      cfg.kl_horizon)
+    monitor = RolloutMonitor(cfg.monitor, resumed.get("monitors"), "ppo")
+    model = PolicyAndValue(policy, load_value_model(cfg, tokenizer), tokenizer, temperature=cfg.temperature)
     tracker.log_params({"stage": "ppo", **to_dict(cfg), "data/problems": len(problems)})
     rollouts: dict[int, dict[str, torch.Tensor]] = {}
 
@@ -417,13 +377,20 @@ def run(cfg: PPOConfig, tracker: Tracker | None = None) -> PPOResult:
         controller.update(kl.mean().item(), n=len(seqs))
         correct = torch.tensor(correctness(samples.texts, answers=[p.answer for p in picked]))
         lengths = mask.sum(1)
+        watched = monitor.observe(index, samples.texts, lengths.tolist(), kl=k3_per_token(old_logp, ref_logp, mask),
+                                  rm_scores=None if rm_score is None else rm_score.tolist(),
+                                  verifier_scores=None if rm_score is None else correct.tolist())
+        # Undefined when the verifier ties every answer: in a log window's mean it would be biased by the
+        # rollouts that lack it, so it goes to the tracker as it is, at the rollout's first step.
+        divergence = watched.pop("monitor/rm_verifier_divergence", None)
+        if divergence is not None:
+            tracker.log_metrics({"monitor/rm_verifier_divergence": divergence}, step=index * cfg.steps_per_rollout + 1)
         rollout_metrics = {  # per rollout, not per minibatch: the curves follow the policy, not the shuffle
             "rl/reward_mean": (score - kl_coef * kl).mean().item(), "rl/score_mean": score.mean().item(),
             "rl/accuracy": correct.mean().item(), "rl/response_length": lengths.mean().item(),
             "rl/kl": kl.mean().item(), "rl/kl_coef": kl_coef,
             "ppo/explained_variance": explained_variance(old_values, returns, mask),
-            **monitor.observe(index, samples.texts, lengths, k3_per_token(old_logp, ref_logp, mask), rm_score,
-                              correct, tracker, step=index * cfg.steps_per_rollout + 1),
+            **watched,
         }
         return {"input_ids": ids, "attention_mask": attn, "completion_mask": mask, "loss_tokens": lengths,
                 "old_logp": old_logp, "old_values": old_values, "advantages": whiten(advantages, mask),
@@ -454,8 +421,8 @@ def run(cfg: PPOConfig, tracker: Tracker | None = None) -> PPOResult:
         return policy_loss + cfg.vf_coef * v_loss, metrics
 
     result = tune_policy("ppo", cfg, model, tokenizer, batch_at=batch_at, loss_fn=loss_fn, tracker=tracker,
-                         curves=["rl/reward_mean", "rl/score_mean", "rl/kl", "rl/kl_coef"])
+                         curves=["rl/reward_mean", "rl/score_mean", "rl/kl", "rl/kl_coef"],
+                         extra_meta=lambda: {"ppo": {"kl_coef": controller.value}, "monitors": monitor.state()})
     final = ckpt.final_dir(cfg.output_dir)
-    saved = json.loads((final / STATE_FILE).read_text()) if (final / STATE_FILE).exists() else {}
     return PPOResult(checkpoint=final, value_model=final / VALUE_DIR, metrics=result.metrics,
-                     alarms=saved.get("alarms", []))
+                     alarms=ckpt.read_meta(final).get("monitors", {}).get("alarms", []))
