@@ -1,5 +1,6 @@
-"""The feedback round: human labels -> preference pairs (a DVC version) -> DPO from the champion ->
-evaluation paired against the champion -> gate -> registry -> serving follows the alias.
+"""The feedback round: human labels -> preference pairs (a DVC version) -> DPO from the champion (or, with
+`feedback.method=reward_ppo`, a reward model on the pairs and PPO against it) -> evaluation paired
+against the champion -> gate -> registry -> serving follows the alias.
 
     flywheel labels export          # the export alone: a new data/preferences.dvc
     flywheel feedback               # one round now, in the foreground
@@ -149,17 +150,17 @@ def _round_lock() -> Iterator[None]:
         yield
 
 
-def _for_a_round(dpo_cfg, pairs: int, feedback) -> Any:
-    """DPO as a feedback round runs it: `feedback.epochs` passes over the pairs (at least one step) at
-    `feedback.lr`; zero keeps the dpo section's own value."""
-    train = dpo_cfg.train
+def _for_a_round(stage_cfg, pairs: int, feedback, tune_lr: bool = True) -> Any:
+    """A stage that learns from the pairs, as a feedback round runs it: `feedback.epochs` passes over
+    them (at least one step), DPO at `feedback.lr` (zero, or a reward model: the section's own value)."""
+    train = stage_cfg.train
     if feedback.epochs:
-        steps = max(1, math.ceil(feedback.epochs * pairs / dpo_cfg.batch_size))
+        steps = max(1, math.ceil(feedback.epochs * pairs / stage_cfg.batch_size))
         train = replace(train, max_steps=steps, warmup_steps=min(train.warmup_steps, steps // 4),
                         checkpoint_every=min(train.checkpoint_every, steps))
-    if feedback.lr:
+    if feedback.lr and tune_lr:
         train = replace(train, lr=feedback.lr)
-    return replace(dpo_cfg, train=train)
+    return replace(stage_cfg, train=train)
 
 
 @flow(name="feedback", log_prints=True, validate_parameters=False)
@@ -207,11 +208,22 @@ def feedback_flow(name: str = "flywheel-chat", preset: str = "tiny", overrides: 
                 return out
 
             start_from = models.download_version(client, name, champion, dst=ctx.out(f"start-from-v{champion}"))
-            dpo_cfg = _for_a_round(cfg.build("dpo", dataset=data, policy=start_from, pairs=labels.pairs_file,
-                                             output_dir=ctx.out("dpo"), lineage=dict(ctx.lineage)),
-                                   pairs, cfg.build("feedback"))
-            tuned, dpo_run = phase("dpo", run_stage, "dpo", dpo_cfg, ctx)
-            ctx.lineage["dpo.run_id"] = dpo_run
+            fb = cfg.build("feedback")
+            if fb.method == "reward_ppo":
+                rm_cfg = _for_a_round(cfg.build("reward", dataset=data, policy=start_from, pairs=labels.pairs_file,
+                                                output_dir=ctx.out("reward"), lineage=dict(ctx.lineage)),
+                                      pairs, fb, tune_lr=False)
+                rm, rm_run = phase("reward", run_stage, "reward", rm_cfg, ctx)
+                ctx.lineage["reward.run_id"] = rm_run
+                ppo_cfg = cfg.build("ppo", dataset=data, policy=start_from, reward_model=rm.checkpoint,
+                                    output_dir=ctx.out("ppo"), lineage=dict(ctx.lineage))
+                tuned, ppo_run = phase("ppo", run_stage, "ppo", replace(ppo_cfg, reward="model"), ctx)
+                ctx.lineage["ppo.run_id"] = ppo_run
+            else:
+                dpo_cfg = _for_a_round(cfg.build("dpo", dataset=data, policy=start_from, pairs=labels.pairs_file,
+                                                 output_dir=ctx.out("dpo"), lineage=dict(ctx.lineage)), pairs, fb)
+                tuned, dpo_run = phase("dpo", run_stage, "dpo", dpo_cfg, ctx)
+                ctx.lineage["dpo.run_id"] = dpo_run
             scored = phase("evaluate", evaluate_flow, cfg, ctx, data, {"feedback": tuned.checkpoint})
             promotion = phase("promote", promote_flow, cfg, ctx, tuned.checkpoint, scored["feedback"], data)
             serving = None

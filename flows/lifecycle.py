@@ -148,7 +148,9 @@ def align_flow(cfg: LifecycleConfig, ctx: RunContext, dataset: Path, base: Path)
     lineage = dict(ctx.lineage)
 
     def stage(name: str, **wiring: Any) -> Any:
-        result, run_id = run_stage(name, cfg.build(name, output_dir=ctx.out(name), lineage=dict(lineage), **wiring), ctx)
+        module = "sft" if name == "rejection_sft" else name  # a second SFT, with its own config section
+        result, run_id = run_stage(module, cfg.build(name, output_dir=ctx.out(name), lineage=dict(lineage), **wiring),
+                                   ctx, run_name=name)
         lineage[f"{name}.run_id"] = run_id
         if name not in ("reward", "rejection"):
             produced[name] = (result.checkpoint, run_id)

@@ -115,7 +115,11 @@ class QueueConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class FeedbackConfig:
-    """The feedback round: new labels -> preference pairs -> DPO from the champion -> gate -> serve."""
+    """The feedback round: new labels -> preference pairs -> tuning from the champion -> gate -> serve.
+
+    `method=dpo` tunes the champion on the pairs directly; `method=reward_ppo` (InstructGPT's loop)
+    trains a reward model on the people's pairs, then PPO from the champion against that reward model.
+    """
 
     min_new_labels: int = 20  # the scheduled check starts a round once this many labels are new
     check_every_s: int = 60  # how often that check counts them (a Prefect interval schedule)
@@ -129,8 +133,11 @@ class FeedbackConfig:
     # already; measured on the tiny champion with 20 truthful human pairs, 5 steps: the lifecycle's
     # DPO rate 1e-4 took accuracy 0.54 -> 0.45, 1e-5 took it to 0.57, 3e-6 to 0.55.
     lr: float = 1e-5
+    method: str = "dpo"  # dpo | reward_ppo
 
     def __post_init__(self) -> None:
+        if self.method not in ("dpo", "reward_ppo"):
+            raise ConfigError(f"feedback.method must be dpo or reward_ppo, got {self.method!r}")
         if (self.min_new_labels < 1 or self.check_every_s < 10 or self.min_pairs < 1 or self.epochs < 0
                 or self.lr < 0):
             raise ConfigError("feedback: min_new_labels and min_pairs must be >= 1, check_every_s >= 10, "

@@ -70,23 +70,31 @@ def dataset_path(dataset: str | None) -> Path:
     return path
 
 
-def newest_output(relative: str, complete) -> Path:
-    """`<state root>/runs/<newest>/<relative>` among the run folders where `complete(path)` holds."""
+# The last policy of each recipe (see flows/lifecycle.align_flow), the one a run puts up for promotion.
+CANDIDATES = ("rejection_sft/final", "ppo/final", "grpo/final")
+
+
+def newest_output(relative: str | tuple[str, ...], complete) -> Path:
+    """`<state root>/runs/<newest>/<relative>` among the run folders where `complete(path)` holds; of
+    several relatives, the first one complete in the newest such folder."""
     runs = load_settings().runs_dir
+    options = (relative,) if isinstance(relative, str) else relative
     folders = sorted((p for p in runs.iterdir() if p.is_dir()), key=lambda p: p.name, reverse=True) \
         if runs.is_dir() else []
     for folder in folders:  # names start with the %Y%m%d-%H%M%S stamp: newest first
-        if complete(folder / relative):
-            return folder / relative
-    raise FileNotFoundError(f"no complete {relative} under {runs}/*/: run the phase that makes it first, "
-                            "or pass its path")
+        for option in options:
+            if complete(folder / option):
+                return folder / option
+    raise FileNotFoundError(f"no complete {' or '.join(options)} under {runs}/*/: run the phase that makes it "
+                            "first, or pass its path")
 
 
-def _input(given: str | None, relative: str, complete) -> Path:
+def _input(given: str | None, relative: str | tuple[str, ...], complete) -> Path:
     if given:
         path = Path(given)
         if not complete(path):
-            raise FileNotFoundError(f"{path} is not a complete {relative.split('/')[0]} output")
+            name = relative if isinstance(relative, str) else relative[0]
+            raise FileNotFoundError(f"{path} is not a complete {name.split('/')[0]} output")
         return path
     return newest_output(relative, complete)
 
@@ -156,9 +164,10 @@ def align(dataset: str | None = None, base: str | None = None, preset: str = "ti
 @flow(name="phase-promote", log_prints=True, validate_parameters=False)
 def promote(checkpoint: str | None = None, dataset: str | None = None, preset: str = "tiny",
             overrides: list[str] | None = None) -> dict[str, str | bool | None]:
-    """Score `checkpoint` (default: the newest GRPO one), register it, promote it if the paired gate passes."""
+    """Score `checkpoint` (default: the newest run's candidate, the last policy of its recipe), register it,
+    promote it if the paired gate passes."""
     cfg = LifecycleConfig.load(preset, overrides)
-    data_dir, ckpt = dataset_path(dataset), _input(checkpoint, "grpo/final", _is_checkpoint)
+    data_dir, ckpt = dataset_path(dataset), _input(checkpoint, CANDIDATES, _is_checkpoint)
     with phase_context("promote", cfg) as ctx:
         ctx.lineage |= _data_lineage(data_dir)
         scored = lc.evaluate_flow(cfg, ctx, data_dir, {"candidate": ckpt})

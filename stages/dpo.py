@@ -6,7 +6,8 @@
 
 Pairs come from `pairs` (JSONL or Parquet with prompt, chosen, rejected: the human labels of the
 annotation page) or, by default, are synthesised from the arithmetic train split: the chosen answer
-is correct and well formatted, the rejected one is wrong or unformatted.
+is correct and well formatted, the rejected one is wrong or unformatted. Bad records are quarantined
+to `<output_dir>/quarantine.jsonl` with their file:line (stages/pairs.py, shared with the reward model).
 
 Variants: `loss_type=ipo` (Azar et al.: a squared loss that pulls the per-token log-ratio margin to
 1/(2 beta) instead of pushing it to infinity, so it cannot overfit deterministic preferences) and
@@ -16,24 +17,24 @@ eps). `precompute_ref=true` scores every pair under the reference once, then fre
 
 from __future__ import annotations
 
-import random
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from stages import checkpoint as ckpt
-from stages.chat import load_problems, prompt_and_response
 from stages.config import to_dict
+from stages.dataset import write_jsonl
+from stages.pairs import encode_pairs, load_pairs, synthetic_pairs  # noqa: F401 (synthetic_pairs: reused)
 from stages.rollout import pad_right, token_logprobs
-from stages.tasks.arithmetic import Problem, target
 from stages.tracking import NullTracker, Tracker
 from stages.train_loop import TrainConfig, autocast, pick_device, tune_policy
 
 LOSS_TYPES = ("sigmoid", "ipo")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,30 +105,6 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return loss, chosen_reward.detach(), rejected_reward.detach()
 
 
-def synthetic_pairs(problems: list[Problem], seed: int) -> list[dict[str, str]]:
-    """One pair per problem: the correct, formatted answer against a plausible bad one."""
-    rng = random.Random(seed)
-    pairs = []
-    for p in problems:
-        wrong = p.answer + rng.choice([-2, -1, 1, 2, 10])
-        # Every rejected answer is wrong: a rejected text that contained the right number would
-        # teach the policy to avoid the right number.
-        rejected = rng.choice([
-            f"<think>{p.reasoning.rsplit('=', 1)[0]}= {wrong}</think> <answer>{wrong}</answer>",  # wrong result
-            f"<answer>{wrong}</answer>",  # wrong, and no reasoning
-        ])
-        pairs.append({"prompt": p.question, "chosen": target(p), "rejected": rejected})
-    return pairs
-
-
-def load_pairs(path: Path) -> list[dict[str, str]]:
-    df = pd.read_parquet(path) if Path(path).suffix == ".parquet" else pd.read_json(path, lines=True)
-    missing = {"prompt", "chosen", "rejected"} - set(df.columns)
-    if missing:
-        raise ValueError(f"{path}: preference pairs need columns prompt, chosen, rejected; missing {sorted(missing)}")
-    return df[["prompt", "chosen", "rejected"]].to_dict("records")
-
-
 def summed_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sum of log-probs of the response tokens (mask marks them) per row."""
     return (token_logprobs(model, ids, attn) * mask[:, 1:]).sum(-1)
@@ -139,10 +116,17 @@ def run(cfg: DPOConfig, tracker: Tracker | None = None) -> DPOResult:
     model = ckpt.load_model(cfg.policy)
     device = pick_device()
     reference = ckpt.frozen_copy(model, device)
-    pairs = load_pairs(cfg.pairs) if cfg.pairs else synthetic_pairs(load_problems(cfg.dataset, "train"), cfg.train.seed)
-    encoded = [(prompt_and_response(tokenizer, p["prompt"], p["chosen"]),
-                prompt_and_response(tokenizer, p["prompt"], p["rejected"])) for p in pairs]
-    tracker.log_params({"stage": "dpo", **to_dict(cfg), "data/pairs": len(pairs)})
+    usable, quarantined = encode_pairs(load_pairs(cfg), tokenizer, model.config.max_position_embeddings, 0.0)
+    write_jsonl(quarantined, Path(cfg.output_dir) / "quarantine.jsonl")
+    if quarantined:
+        log.warning("dpo: %d of %d pairs quarantined to %s", len(quarantined), len(usable) + len(quarantined),
+                    Path(cfg.output_dir) / "quarantine.jsonl")
+    if not usable:
+        raise ValueError(f"{cfg.pairs or cfg.dataset}: no usable preference pairs ({len(quarantined)} quarantined, "
+                         f"reasons in {Path(cfg.output_dir) / 'quarantine.jsonl'})")
+    # (ids, loss mask) of chosen and rejected, the mask on the answer's tokens
+    encoded = [tuple(zip((p.chosen, p.rejected), p.masks(), strict=True)) for p in usable]
+    tracker.log_params({"stage": "dpo", **to_dict(cfg), "data/pairs": len(usable), "data/quarantined": len(quarantined)})
     ref_table: dict[str, torch.Tensor] = {}  # side -> reference log-prob of every pair (precompute_ref)
 
     def reference_logprobs(rows: list[tuple[list[int], list[int]]]) -> torch.Tensor:

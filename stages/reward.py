@@ -24,7 +24,6 @@ Other stages use `load_reward_model`, `score` and `require_same_tokenizer`.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 from contextlib import contextmanager
@@ -33,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure  # no pyplot: no global figure state, no backend to choose
@@ -41,20 +39,18 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from stages import checkpoint as ckpt
-from stages.chat import load_problems, prompt_ids, response_ids
+from stages.chat import prompt_ids, response_ids
 from stages.config import to_dict
 from stages.dataset import is_heldout, write_jsonl
-from stages.dpo import synthetic_pairs
+from stages.pairs import EncodedPair, check_pair, encode_pairs, load_pairs, read_records  # noqa: F401
 from stages.eval_stats import mean_stderr
 from stages.plots import plot_curves
 from stages.rollout import pad_right
-from stages.tasks import hh_rlhf
 from stages.tracking import NullTracker, Tracker
 from stages.train_loop import TrainConfig, train
 
 log = logging.getLogger(__name__)
 
-REQUIRED = ("prompt", "chosen", "rejected")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -222,111 +218,6 @@ def require_same_tokenizer(policy_tokenizer, reward_tokenizer, *, policy: Path, 
 
 
 # --- the data ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EncodedPair:
-    source: str  # file:line (or synthetic:<index>)
-    prompt_key: str  # the prompt as JSON: pairs of the same prompt stay on the same side of the split
-    chosen: list[int]
-    rejected: list[int]
-    margin: float
-
-
-def read_records(path: Path) -> list[tuple[str, Any]]:
-    """(file:line, record) of a JSONL(.gz) or Parquet file; a line that is not JSON is kept as None."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"reward.pairs: {path} does not exist")
-    if path.suffix == ".parquet":
-        rows = json.loads(pd.read_parquet(path).to_json(orient="records"))  # plain Python values, not numpy
-        return [(f"{path.name}:{i}", row) for i, row in enumerate(rows, 1)]
-    out = []
-    with hh_rlhf.open_text(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    out.append((f"{path.name}:{line_no}", json.loads(line)))
-                except json.JSONDecodeError:
-                    out.append((f"{path.name}:{line_no}", None))
-    return out
-
-
-def _prompt_problem(prompt: Any) -> str | None:
-    if isinstance(prompt, str):
-        return None if prompt.strip() else "prompt: empty"
-    if isinstance(prompt, list):
-        if not prompt:
-            return "prompt: empty message list"
-        if all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-               for m in prompt):
-            return None
-        return "prompt: messages must be {role, content} objects with string values"
-    if prompt is None:
-        return "prompt: missing"
-    return f"prompt: must be a string or a message list, got {type(prompt).__name__}"
-
-
-def check_pair(record: Any) -> tuple[dict[str, Any] | None, str | None]:
-    """(pair, None) for a usable record, (None, reason) otherwise. HH-format dialogues are converted."""
-    if not isinstance(record, dict):
-        return None, "not a JSON object"
-    if hh_rlhf.looks_like_hh(record):
-        try:
-            record = hh_rlhf.to_pair(record)
-        except hh_rlhf.MalformedRecord as e:
-            return None, f"hh-rlhf: {e}"
-    problem = _prompt_problem(record.get("prompt"))
-    if problem:
-        return None, problem
-    for side in ("chosen", "rejected"):
-        value = record.get(side)
-        if not isinstance(value, str) or not value.strip():
-            return None, f"{side}: missing or empty"
-    if record["chosen"].strip() == record["rejected"].strip():
-        return None, "chosen equals rejected: no preference to learn"
-    margin = record.get("margin")
-    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, int | float)
-                               or not math.isfinite(margin)):
-        return None, f"margin: not a finite number ({margin!r})"
-    return record, None
-
-
-def load_pairs(cfg: RewardConfig) -> list[tuple[str, Any]]:
-    """(source, record) of every pair; one clear error when the file lacks a required column."""
-    if cfg.pairs is None:
-        pairs = synthetic_pairs(load_problems(cfg.dataset, "train"), cfg.train.seed)
-        return [(f"synthetic:{i}", p) for i, p in enumerate(pairs)]
-    records = read_records(cfg.pairs)
-    dicts = [r for _, r in records if isinstance(r, dict)]
-    if not any(hh_rlhf.looks_like_hh(r) for r in dicts):
-        present = set().union(*dicts) if dicts else set()
-        missing = [c for c in REQUIRED if c not in present]
-        if missing:
-            raise ValueError(f"{cfg.pairs}: preference pairs need columns {', '.join(REQUIRED)} "
-                             f"(and optionally margin); missing {', '.join(missing)}")
-    return records
-
-
-def encode_pairs(records: list[tuple[str, Any]], tokenizer, max_len: int, margin: float
-                 ) -> tuple[list[EncodedPair], list[dict[str, Any]]]:
-    """(usable pairs as token ids, quarantined records with their source and reason)."""
-    kept, quarantined = [], []
-    for source, record in records:
-        pair, reason = check_pair(record)
-        if pair is not None:
-            p = prompt_ids(tokenizer, pair["prompt"])
-            chosen = p + response_ids(tokenizer, pair["chosen"])
-            rejected = p + response_ids(tokenizer, pair["rejected"])
-            longest = max(len(chosen), len(rejected))
-            if longest > max_len:
-                reason = f"prompt + answer is {longest} tokens, more than max_len={max_len}"
-            else:
-                kept.append(EncodedPair(source, json.dumps(pair["prompt"], sort_keys=True), chosen, rejected,
-                                        margin + float(pair.get("margin") or 0.0)))
-        if reason:
-            quarantined.append({"source": source, "reason": reason, "record": record})
-    return kept, quarantined
 
 
 def split_heldout(pairs: list[EncodedPair], fraction: float) -> tuple[list[EncodedPair], list[EncodedPair]]:

@@ -111,6 +111,26 @@ def test_feedback_round_trains_on_the_labels_and_promotes_with_their_lineage(loo
     assert float(dpo_run.data.params["train.lr"]) == 1e-5  # feedback.lr, not the lifecycle's dpo.train.lr
 
 
+def test_reward_ppo_round_trains_a_reward_model_on_the_labels_then_ppo(loop):
+    # InstructGPT's loop on the people's pairs: the reward model learns from exactly the exported
+    # pairs, PPO starts from the champion against it, and the registered version names both runs.
+    client, store = loop["client"], loop["store"]
+    if st.item_count(store) == 0:  # run alone; otherwise the earlier round's labels are here already
+        queue.queue_fill_flow(name=NAME, preset="tiny", overrides=FAST)
+        _label_everything(store, "ana")
+    result = feedback.feedback_flow(name=NAME, preset="tiny", overrides=[
+        *FAST, "feedback.method=reward_ppo", "reward.batch_size=4", "ppo.prompts_per_rollout=4",
+        "ppo.max_new_tokens=8", "ppo.train.max_steps=4", "ppo.train.checkpoint_every=4"])
+    assert result["status"] in ("promoted", "gate failed") and result["pairs"] >= 2, result
+    new = client.get_model_version(NAME, result["version"])
+    rm_run, ppo_run = client.get_run(new.tags["reward.run_id"]), client.get_run(new.tags["ppo.run_id"])
+    assert rm_run.data.params["data/pairs"] == str(result["pairs"])
+    assert rm_run.data.params["train.max_steps"] == str(math.ceil(2 * result["pairs"] / 4))  # feedback.epochs
+    assert ppo_run.data.params["reward"] == "model" and "dpo.run_id" not in new.tags
+    assert new.tags["stage"] == "ppo" and new.tags["parent.version"] == result["started_from"]
+    assert math.isfinite(ppo_run.data.metrics["rl/score_mean"])
+
+
 def test_feedback_cli_stops_early_without_enough_pairs(loop, capsys):
     assert cli.main(["feedback", "--name", NAME, *FAST, "feedback.min_pairs=1000"]) == 0
     out = capsys.readouterr().out

@@ -175,7 +175,7 @@ def test_instructgpt_recipe_aligns_a_foreign_base_model(first_run, tmp_path):
     fast = [o for o in FAST if "heldout/nll" not in o]  # a given base has no pretraining held-out split
     summary = lifecycle(preset="tiny", overrides=[
         *fast, "recipe=instructgpt", f"base_model={source}", "reward.batch_size=4", "reward.train.max_steps=3",
-        "ppo.prompts_per_rollout=4", "ppo.max_new_tokens=8", "ppo.train.max_steps=2", "ppo.train.checkpoint_every=2",
+        "ppo.prompts_per_rollout=4", "ppo.max_new_tokens=8", "ppo.train.max_steps=4", "ppo.train.checkpoint_every=4",
         "promote.model_name=byo-qwen2"])  # its own registered model: flywheel-chat's champion stays as it is
     version = client.get_model_version("byo-qwen2", summary["version"])
     tags = version.tags

@@ -188,3 +188,27 @@ def test_grpo_first_update_of_each_rollout_has_ratio_one(corpus: Path, sft_train
     assert all(torch.equal(r, torch.ones_like(r)) for r in first_updates)
     assert any((r - 1).abs().max() > 1e-4 for r in later_updates)
     assert tracker.series("rl/clip_fraction")[0] == 0.0
+
+
+def test_dpo_quarantines_bad_pairs_by_line_and_trains_on_the_rest(sft_trained: Trained, tmp_path: Path) -> None:
+    rows = [{"prompt": "What is 2 + 3?", "chosen": "<answer>5</answer>", "rejected": "<answer>6</answer>"},
+            {"prompt": "What is 1 + 1?", "chosen": "<answer>2</answer>", "rejected": "<answer>2</answer>"},
+            {"prompt": "What is 4 + 4?", "chosen": "<answer>8</answer>"},
+            {"prompt": [{"role": "user", "content": "What is 3 + 3?"}], "chosen": "<answer>6</answer>",
+             "rejected": "<answer>7</answer>"}]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
+    cfg = DPOConfig(pairs=pairs, policy=sft_trained.checkpoint, output_dir=tmp_path / "dpo", batch_size=2,
+                    lineage=LINEAGE, train=quiet_train(max_steps=1, warmup_steps=0))
+    tracker = RecordingTracker()
+    dpo.run(cfg, tracker=tracker)
+    quarantined = [json.loads(line) for line in (tmp_path / "dpo" / "quarantine.jsonl").read_text().splitlines()]
+    assert {q["source"]: q["reason"].split(":")[0] for q in quarantined} == {
+        "pairs.jsonl:2": "chosen equals rejected", "pairs.jsonl:3": "rejected", "pairs.jsonl:5": "not a JSON object"}
+    assert tracker.params["data/pairs"] == 2 and tracker.params["data/quarantined"] == 3
+
+    only_bad = tmp_path / "bad.jsonl"
+    only_bad.write_text(json.dumps(rows[1]) + "\n")
+    with pytest.raises(ValueError, match="no usable preference pairs"):
+        dpo.run(DPOConfig(pairs=only_bad, policy=sft_trained.checkpoint, output_dir=tmp_path / "dpo-bad",
+                          batch_size=2, lineage=LINEAGE, train=quiet_train(max_steps=1, warmup_steps=0)))
