@@ -13,11 +13,17 @@ Variants: `loss_type=ipo` (Azar et al.: a squared loss that pulls the per-token 
 1/(2 beta) instead of pushing it to infinity, so it cannot overfit deterministic preferences) and
 `label_smoothing=eps` (Mitchell's conservative DPO: each label is taken as wrong with probability
 eps). `precompute_ref=true` scores every pair under the reference once, then frees the reference.
+
+`lora.r > 0` trains a LoRA adapter (stages/lora.py); the reference is then the same model with its
+adapter switched off (`reference_view`), so no second model sits in memory. The checkpoint is still
+a merged plain model, with the adapter under `adapter/`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +34,7 @@ import torch.nn.functional as F
 from stages import checkpoint as ckpt
 from stages.config import to_dict
 from stages.dataset import write_jsonl
+from stages.lora import LoraConfig, is_adapted
 from stages.pairs import encode_pairs, load_pairs, synthetic_pairs  # noqa: F401 (synthetic_pairs: reused)
 from stages.rollout import pad_right, token_logprobs
 from stages.tracking import NullTracker, Tracker
@@ -50,6 +57,7 @@ class DPOConfig:
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0  # cDPO's eps, sigmoid loss only
     precompute_ref: bool = False  # reference log-probs of every pair once, then no reference model
+    lora: LoraConfig = field(default_factory=LoraConfig)  # r=0: full fine-tuning against a frozen copy
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=50, lr=2e-4, warmup_steps=5))
     batch_size: int = 8
     lineage: dict = field(default_factory=dict)
@@ -105,6 +113,25 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return loss, chosen_reward.detach(), rejected_reward.detach()
 
 
+@contextlib.contextmanager
+def reference_view(model: torch.nn.Module, frozen: torch.nn.Module | None) -> Iterator[torch.nn.Module]:
+    """The reference policy to score with: `frozen` (full fine-tuning's frozen copy) when there is one,
+    else the LoRA `model` itself with its adapter disabled (= the starting policy, since B starts at 0),
+    in eval mode for the pass so adapter dropout cannot touch it."""
+    if frozen is not None:
+        yield frozen
+        return
+    if not is_adapted(model):
+        raise ValueError("a reference needs a frozen copy or a LoRA model whose adapter can be disabled")
+    was_training = model.training
+    model.eval()
+    try:
+        with model.disable_adapter():
+            yield model
+    finally:
+        model.train(was_training)
+
+
 def summed_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sum of log-probs of the response tokens (mask marks them) per row."""
     return (token_logprobs(model, ids, attn) * mask[:, 1:]).sum(-1)
@@ -113,9 +140,9 @@ def summed_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, mask: torch.Te
 def run(cfg: DPOConfig, tracker: Tracker | None = None) -> DPOResult:
     tracker = tracker or NullTracker()
     tokenizer = ckpt.load_tokenizer(cfg.policy)
-    model = ckpt.load_model(cfg.policy)
     device = pick_device()
-    reference = ckpt.frozen_copy(model, device)
+    model = ckpt.load_policy(cfg.policy, cfg.lora, device=device, where="dpo.lora", seed=cfg.train.seed)
+    reference = None if cfg.lora.enabled else ckpt.frozen_copy(model, device)
     usable, quarantined = encode_pairs(load_pairs(cfg), tokenizer, model.config.max_position_embeddings, 0.0)
     write_jsonl(quarantined, Path(cfg.output_dir) / "quarantine.jsonl")
     if quarantined:
@@ -131,8 +158,8 @@ def run(cfg: DPOConfig, tracker: Tracker | None = None) -> DPOResult:
 
     def reference_logprobs(rows: list[tuple[list[int], list[int]]]) -> torch.Tensor:
         ids, attn, mask = pad_right([r[0] for r in rows], tokenizer.pad_token_id, [r[1] for r in rows])
-        with torch.no_grad(), autocast(cfg.train, device):
-            return summed_logprobs(reference, ids.to(device), attn.to(device), mask.to(device)).float().cpu()
+        with torch.no_grad(), autocast(cfg.train, device), reference_view(model, reference) as ref:
+            return summed_logprobs(ref, ids.to(device), attn.to(device), mask.to(device)).float().cpu()
 
     def precompute() -> None:
         nonlocal reference

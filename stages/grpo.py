@@ -22,10 +22,26 @@ Variants, each a switch on the same loss:
 Candidly: with `updates_per_rollout=1` (the default) the ratio is exactly 1 at the only update, the
 clip never binds, and this is REINFORCE with a group-mean baseline and a KL leash. Raise
 `updates_per_rollout` to reuse each rollout for several steps; then the ratio and clipping matter.
+
+LoRA and a rollout server:
+
+    flywheel stage grpo ... lora.r=16                                          # train an adapter only
+    flywheel stage grpo ... lora.r=16 rollout_url=http://127.0.0.1:8000 rollout_model=flywheel-sft
+
+`lora.r > 0` trains a LoRA adapter; the KL reference is the same model with the adapter disabled (no
+frozen copy in memory). With `rollout_url`, sampling moves to a vLLM OpenAI server serving the
+starting policy as `rollout_model` (started with `--enable-lora`, `--max-lora-rank >= lora.r` and
+VLLM_ALLOW_RUNTIME_LORA_UPDATING=True): before every rollout the current adapter is saved to
+`<output_dir>/rollout-adapter/<index>` and hot-loaded as `rollout_adapter`, and the completions are
+sampled under that name (stages/vllm_rollout.py). The server only picks tokens: log-probs are
+recomputed by the training model, so the loss never trusts the server's numbers. A rollout server
+needs `lora.r > 0`: syncing full weights into a running vLLM needs a GPU weight-transfer path (NCCL)
+or a server restart per rollout, neither of which this stage does.
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +50,10 @@ import torch
 
 from stages import checkpoint as ckpt
 from stages.chat import load_problems, prompt_text
+from stages import vllm_rollout
 from stages.config import to_dict
+from stages.dpo import reference_view
+from stages.lora import LoraConfig
 from stages.monitors import MonitorConfig, RolloutMonitor
 from stages.rewards import combined, correctness
 from stages.rollout import masked_mean, pad_right, sample, token_logprobs
@@ -64,6 +83,10 @@ class GRPOConfig:
     overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens before max_new_tokens
     overlong_penalty: float = 1.0
     monitor: MonitorConfig = field(default_factory=MonitorConfig)  # reward-hacking alarm thresholds
+    lora: LoraConfig = field(default_factory=LoraConfig)  # r=0: full fine-tuning against a frozen copy
+    rollout_url: str | None = None  # a vLLM OpenAI server to sample from (None: in-process generate)
+    rollout_model: str = "flywheel-policy"  # the served base model's name (its --served-model-name)
+    rollout_adapter: str = "grpo-policy"  # the name the current adapter is hot-loaded under
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=30, lr=1e-4, warmup_steps=0,
                                                                    log_every=5, checkpoint_every=10))
     lineage: dict = field(default_factory=dict)
@@ -80,6 +103,13 @@ class GRPOConfig:
         if not 0 <= self.overlong_buffer < self.max_new_tokens:
             raise ValueError(f"grpo.overlong_buffer must be in [0, max_new_tokens={self.max_new_tokens}), "
                              f"got {self.overlong_buffer}")
+        if self.rollout_url and not self.lora.enabled:
+            raise ValueError("grpo.rollout_url needs grpo.lora.r > 0: a running vLLM server can only take the "
+                             "policy's updates as a hot-loaded LoRA adapter; full-weight sync needs a GPU "
+                             "weight-transfer path or a server restart per rollout (unset grpo.rollout_url to "
+                             "sample in-process)")
+        if self.rollout_url and not self.rollout_url.startswith(("http://", "https://")):
+            raise ValueError(f"grpo.rollout_url must be an http(s) URL, got {self.rollout_url!r}")
         # A rollout lives in memory only: resuming mid-rollout would resample it from newer weights.
         if self.train.checkpoint_every % self.updates_per_rollout:
             raise ValueError(f"grpo.train.checkpoint_every={self.train.checkpoint_every} must be a multiple of "
@@ -156,9 +186,9 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
 def run(cfg: GRPOConfig, tracker: Tracker | None = None) -> GRPOResult:
     tracker = tracker or NullTracker()
     tokenizer = ckpt.load_tokenizer(cfg.policy)
-    model = ckpt.load_model(cfg.policy)
     device = pick_device()
-    reference = ckpt.frozen_copy(model, device)
+    model = ckpt.load_policy(cfg.policy, cfg.lora, device=device, where="grpo.lora", seed=cfg.train.seed)
+    reference = None if cfg.lora.enabled else ckpt.frozen_copy(model, device)
     problems = load_problems(cfg.dataset, "train")
     tracker.log_params({"stage": "grpo", **to_dict(cfg), "data/problems": len(problems)})
     rollouts: dict[int, dict[str, torch.Tensor]] = {}
@@ -166,12 +196,28 @@ def run(cfg: GRPOConfig, tracker: Tracker | None = None) -> GRPOResult:
     monitor = RolloutMonitor(cfg.monitor, ckpt.read_meta(latest).get("monitors") if latest else None, "grpo")
     last_kl: list[float] = []  # the KL the latest update measured, for the next rollout's monitor
 
+    def publish_adapter(index: int) -> None:
+        """Save the adapter as it is now and hot-load it, so the server samples from the current policy."""
+        root = Path(cfg.output_dir) / "rollout-adapter"
+        model.save_pretrained(root / str(index), safe_serialization=True)
+        vllm_rollout.load_adapter(cfg.rollout_url, cfg.rollout_adapter, root / str(index))
+        for old in root.iterdir():  # the server holds the weights now; keep only the latest on disk
+            if old.name != str(index):
+                shutil.rmtree(old, ignore_errors=True)
+
+    def generate(prompts: list[str], seed: int):
+        kwargs = dict(n=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed)
+        if cfg.rollout_url is None:
+            return sample(model, tokenizer, prompts, **kwargs)
+        return vllm_rollout.sample_via_server(cfg.rollout_url, cfg.rollout_adapter, tokenizer, prompts, **kwargs,
+                                              stop_ids=vllm_rollout.stop_token_ids(
+                                                  tokenizer, model.generation_config.eos_token_id))
+
     def sample_groups(index: int, round_: int) -> dict[str, torch.Tensor | list]:
         rng = np.random.default_rng([cfg.train.seed, index, round_])
         picked = [problems[i] for i in rng.integers(0, len(problems), size=cfg.prompts_per_step)]
-        samples = sample(model, tokenizer, [prompt_text(tokenizer, p.question) for p in picked],
-                         n=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                         seed=cfg.train.seed * 1_000_003 + index * 101 + round_)
+        samples = generate([prompt_text(tokenizer, p.question) for p in picked],
+                           seed=cfg.train.seed * 1_000_003 + index * 101 + round_)
         answers = [p.answer for p in picked for _ in range(cfg.group_size)]
         lengths = [len(c) for c in samples.completions]
         rewards = torch.tensor(combined(samples.texts, answers=answers, format_weight=cfg.format_weight))
@@ -187,6 +233,8 @@ def run(cfg: GRPOConfig, tracker: Tracker | None = None) -> GRPOResult:
                 "lengths": [groups["lengths"][i] for i in rows]}
 
     def rollout(index: int) -> dict[str, torch.Tensor]:
+        if cfg.rollout_url is not None:
+            publish_adapter(index)
         picked, kept_groups, drawn_groups = [], 0, 0
         for round_ in range(cfg.max_refills + 1 if cfg.dynamic_sampling else 1):
             groups = sample_groups(index, round_)
@@ -207,8 +255,8 @@ def run(cfg: GRPOConfig, tracker: Tracker | None = None) -> GRPOResult:
         seqs = [p + c for p, c in zip(merged["prompts"], merged["completions"], strict=True)]
         masks = [[0] * len(p) + [1] * len(c) for p, c in zip(merged["prompts"], merged["completions"], strict=True)]
         ids, attn, mask = pad_right(seqs, tokenizer.pad_token_id, masks)
-        with torch.no_grad(), autocast(cfg.train, device):
-            ref = token_logprobs(reference, ids.to(device), attn.to(device), temperature=cfg.temperature).float().cpu()
+        with torch.no_grad(), autocast(cfg.train, device), reference_view(model, reference) as ref_model:
+            ref = token_logprobs(ref_model, ids.to(device), attn.to(device), temperature=cfg.temperature).float().cpu()
         completion_mask = mask[:, 1:]
         texts = [tokenizer.decode(c, skip_special_tokens=True) for c in merged["completions"]]
         watched = monitor.observe(index, texts, merged["lengths"], kl=last_kl[-1] if last_kl else None)
