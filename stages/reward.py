@@ -44,10 +44,9 @@ from stages.config import to_dict
 from stages.dataset import is_heldout, write_jsonl
 from stages.pairs import EncodedPair, check_pair, encode_pairs, load_pairs, read_records  # noqa: F401
 from stages.eval_stats import mean_stderr
-from stages.plots import plot_curves
 from stages.rollout import pad_right
 from stages.tracking import NullTracker, Tracker
-from stages.train_loop import TrainConfig, train
+from stages.train_loop import TrainConfig, tune_policy
 
 log = logging.getLogger(__name__)
 
@@ -320,17 +319,11 @@ def run(cfg: RewardConfig, tracker: Tracker | None = None) -> RewardResult:
         seen["chosen"], seen["rejected"] = heldout_rewards(m, held, tokenizer.pad_token_id, cfg.eval_batch_size)
         return heldout_metrics(seen["chosen"], seen["rejected"], np.array([p.margin for p in held]))
 
-    meta = {"stage": "reward", "config": to_dict(cfg), "lineage": cfg.lineage, "parent": str(cfg.policy),
-            "parent_meta": ckpt.parent_summary(cfg.policy), "reward": {"max_len": max_len, "heldout_pairs": len(held)}}
-    result = train(model, tokenizer, cfg=cfg.train, batch_at=batch_at, loss_fn=loss_fn, output_dir=out, meta=meta,
-                   evaluate=evaluate if held else None, tracker=tracker, desc="reward")
+    result = tune_policy("reward", cfg, model, tokenizer, batch_at=batch_at, loss_fn=loss_fn, tracker=tracker,
+                         curves=["train/loss", "reward/accuracy", "reward/margin"], evaluate=evaluate if held else None,
+                         extra_meta=lambda: {"reward": {"max_len": max_len, "heldout_pairs": len(held)}})
     metrics = {**result.metrics, "data/quarantined": float(len(quarantined))}
     tracker.log_metrics({"data/quarantined": float(len(quarantined))}, step=cfg.train.max_steps)
-
-    curves = plot_curves(result.history, out / "reward_curves.png", "REWARD",
-                         ["train/loss", "reward/accuracy", "reward/margin"])
-    if curves:
-        tracker.log_artifact(curves)
     if held:
         if not seen:  # a finished run returned as is: score the held-out pairs with its final model
             final, _ = load_reward_model(ckpt.final_dir(out))

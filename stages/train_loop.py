@@ -377,15 +377,16 @@ def _save(path, model, tokenizer, meta, optimizer, scheduler, step, rank, world)
 
 def tune_policy(stage: str, cfg: Any, model: torch.nn.Module, tokenizer, *, batch_at: Callable[[int], Batch],
                 loss_fn: LossFn, tracker: Tracker, curves: list[str],
+                evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
                 extra_meta: Callable[[], dict[str, Any]] | None = None) -> TrainResult:
-    """Train `cfg.policy` into `cfg.output_dir`: the shared body of SFT, DPO and GRPO.
+    """Train `cfg.policy` into `cfg.output_dir`: the shared body of SFT, reward, DPO, PPO and GRPO.
 
     Records the parent checkpoint's ancestry in meta.json and logs a plot of `curves`.
     """
     meta = {"stage": stage, "config": to_dict(cfg), "lineage": cfg.lineage, "parent": str(cfg.policy),
             "parent_meta": ckpt.parent_summary(cfg.policy)}
     result = train(model, tokenizer, cfg=cfg.train, batch_at=batch_at, loss_fn=loss_fn, output_dir=cfg.output_dir,
-                   meta=meta, tracker=tracker, desc=stage, extra_meta=extra_meta)
+                   meta=meta, evaluate=evaluate, tracker=tracker, desc=stage, extra_meta=extra_meta)
     plot = plot_curves(result.history, Path(cfg.output_dir) / f"{stage}_curves.png", stage.upper(), curves)
     if plot:
         tracker.log_artifact(plot)
