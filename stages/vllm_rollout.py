@@ -76,8 +76,7 @@ def sample_via_server(base_url: str, model: str, tokenizer, prompts: list[str], 
                                      "vLLM >= 0.10)")
         cut = next((j + 1 for j, t in enumerate(row) if t in stop_set), len(row))
         completions.append(list(row[:cut]))
-        # Decoded here, like rollout.sample, so rewards read exactly the tokens the loss scores.
-        texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
+        texts.append(choice["text"])  # the server's detokenization (skip_special_tokens, like rollout.sample)
         expanded.append(prompt_ids[choice["index"] // n])
     return Samples(prompts=expanded, completions=completions, texts=texts)
 
