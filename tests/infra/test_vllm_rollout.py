@@ -1,6 +1,8 @@
 """GRPO rollouts through a real vLLM server (`.venv-serving`), the policy's LoRA adapter hot-loaded.
 
-One server on the tiny SFT checkpoint with `--enable-lora` and runtime LoRA updating: greedy samples
+Fast: the HTTP contract against a stub server (choice order, the cut after the first stop token,
+the unload-then-load of an adapter name, errors that say what to fix). Slow, with the serving
+environment: one server on the tiny SFT checkpoint with `--enable-lora` and runtime LoRA updating: greedy samples
 over HTTP equal in-process greedy `generate` (base model, and a hot-loaded trained adapter against
 its merged checkpoint); two GRPO steps with `rollout_url` load their adapter into the server and
 train on token ids that decode to the server's texts.
@@ -8,8 +10,11 @@ train on token ids that decode to the server's texts.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -26,10 +31,113 @@ from tests.stages.conftest import LINEAGE, corpus, pretrained, quiet_train, sft_
 
 SERVING_PYTHON = ServingConfig().python
 BASE_NAME = "flywheel-sft"
-pytestmark = [
-    pytest.mark.skipif(not SERVING_PYTHON.is_file() and not os.environ.get("CI"),
-                       reason=f"no serving environment at {SERVING_PYTHON} (make serving-env)"),
-    pytest.mark.serving, pytest.mark.slow]
+
+
+def needs_vllm(test):
+    for mark in (pytest.mark.slow, pytest.mark.serving,
+                 pytest.mark.skipif(not SERVING_PYTHON.is_file() and not os.environ.get("CI"),
+                                    reason=f"no serving environment at {SERVING_PYTHON} (make serving-env)")):
+        test = mark(test)
+    return test
+
+
+# ----------------------------------------------------------------------------- fast: a stub server
+
+EOS = 2
+
+
+class CharTokenizer:
+    """One token per character (ord), eos = 2: enough to check ids go in and come out unchanged."""
+
+    eos_token_id = EOS
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [ord(c) for c in text]}
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(chr(i) for i in ids if not (skip_special_tokens and i == EOS))
+
+
+@pytest.fixture
+def stub():
+    """A stand-in for vLLM's OpenAI server: records every request, answers as `replies` say."""
+    requests: list[tuple[str, dict]] = []
+    replies: dict[str, tuple[int, dict | str]] = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            requests.append((self.path, body))
+            status, payload = replies.get(self.path, (200, "Success"))
+            if callable(payload):
+                payload = payload(body)
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1", requests, replies
+    httpd.shutdown()
+    thread.join(timeout=10)
+
+
+def test_sample_via_server_sends_token_ids_and_cuts_after_the_first_stop(stub) -> None:
+    url, requests, replies = stub
+
+    def complete(body):  # two prompts x n=2, answered out of order; a stop token mid-row is cut after
+        rows = {0: [ord("a"), EOS, ord("x")], 1: [ord("b")], 2: [ord("c"), ord("d"), EOS], 3: [EOS]}
+        return {"choices": [{"index": i, "text": CharTokenizer().decode(rows[i][: (rows[i] + [EOS]).index(EOS)]),
+                             "token_ids": rows[i]} for i in (3, 1, 2, 0)]}
+
+    replies["/v1/completions"] = (200, complete)
+    out = vllm_rollout.sample_via_server(url, "adapter-1", CharTokenizer(), ["hi", "yo"], n=2, max_new_tokens=3,
+                                         temperature=0.7, seed=11, stop_ids=[EOS, 1])
+    (path, body), = requests
+    assert path == "/v1/completions"
+    assert body["prompt"] == [[104, 105], [121, 111]] and body["model"] == "adapter-1"
+    assert (body["n"], body["max_tokens"], body["temperature"], body["seed"]) == (2, 3, 0.7, 11)
+    assert body["return_token_ids"] is True and body["stop_token_ids"] == [EOS, 1]
+    assert (body["top_k"], body["top_p"]) == (0, 1.0)  # no truncation, as in-process sampling
+    assert out.prompts == [[104, 105], [104, 105], [121, 111], [121, 111]]
+    assert out.completions == [[ord("a"), EOS], [ord("b")], [ord("c"), ord("d"), EOS], [EOS]]
+    assert out.texts == ["a", "b", "cd", ""]
+
+
+def test_sample_via_server_errors_name_the_server_and_the_fix(stub) -> None:
+    url, _, replies = stub
+    replies["/v1/completions"] = (404, {"message": "The model `nope` does not exist."})
+    with pytest.raises(vllm_rollout.RolloutServerError, match=r"answered 404.*nope"):
+        vllm_rollout.sample_via_server(url, "nope", CharTokenizer(), ["hi"], n=1, max_new_tokens=2,
+                                       temperature=0.0, seed=0)
+    replies["/v1/completions"] = (200, {"choices": [{"index": 0, "text": "a"}]})
+    with pytest.raises(vllm_rollout.RolloutServerError, match="no token_ids"):
+        vllm_rollout.sample_via_server(url, "m", CharTokenizer(), ["hi"], n=1, max_new_tokens=2,
+                                       temperature=0.0, seed=0)
+    with pytest.raises(vllm_rollout.RolloutServerError, match=r"grpo\.rollout_url: .* did not answer"):
+        vllm_rollout.sample_via_server(f"http://127.0.0.1:{_free_port()}", "m", CharTokenizer(), ["hi"], n=1,
+                                       max_new_tokens=2, temperature=0.0, seed=0)
+
+
+def test_load_adapter_unloads_that_name_first_and_says_how_to_enable_lora(stub, tmp_path: Path) -> None:
+    url, requests, replies = stub
+    replies["/v1/unload_lora_adapter"] = (404, {"message": "not found"})  # nothing loaded yet: fine
+    vllm_rollout.load_adapter(url, "grpo-policy", tmp_path / "3")
+    assert requests == [("/v1/unload_lora_adapter", {"lora_name": "grpo-policy"}),
+                        ("/v1/load_lora_adapter", {"lora_name": "grpo-policy", "lora_path": str(tmp_path / "3")})]
+    replies["/v1/load_lora_adapter"] = (404, {"message": "Not Found"})
+    with pytest.raises(vllm_rollout.RolloutServerError, match=r"answered 404.*--enable-lora.*RUNTIME_LORA_UPDATING"):
+        vllm_rollout.load_adapter(url, "grpo-policy", tmp_path / "4")
+
+
+# ----------------------------------------------------------------------------- the real server
 
 
 def _free_port() -> int:
@@ -68,6 +176,7 @@ def _greedy_via_server(url: str, name: str, tokenizer, policy, prompts: list[str
         stop_ids=vllm_rollout.stop_token_ids(tokenizer, policy.generation_config.eos_token_id))
 
 
+@needs_vllm
 def test_greedy_rollout_over_http_equals_in_process_greedy(server, sft_trained, corpus) -> None:  # noqa: F811
     tokenizer = ckpt.load_tokenizer(sft_trained.checkpoint)
     model = ckpt.load_model(sft_trained.checkpoint).eval()
@@ -80,6 +189,7 @@ def test_greedy_rollout_over_http_equals_in_process_greedy(server, sft_trained, 
     assert any(served.completions)
 
 
+@needs_vllm
 def test_grpo_with_rollout_url_hot_loads_its_adapter(server, sft_trained, corpus, tmp_path: Path,  # noqa: F811
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     seen = []
