@@ -196,8 +196,17 @@ def run(cfg: GRPOConfig, tracker: Tracker | None = None) -> GRPOResult:
     monitor = RolloutMonitor(cfg.monitor, ckpt.read_meta(latest).get("monitors") if latest else None, "grpo")
     last_kl: list[float] = []  # the KL the latest update measured, for the next rollout's monitor
 
+    checked_server: list[bool] = []
+
     def publish_adapter(index: int) -> None:
         """Save the adapter as it is now and hot-load it, so the server samples from the current policy."""
+        if not checked_server:  # once, at the first rollout (a finished stage needs no server)
+            served = vllm_rollout.served_models(cfg.rollout_url)
+            if cfg.rollout_model not in served:
+                raise ValueError(f"grpo.rollout_model={cfg.rollout_model!r} is not served at {cfg.rollout_url} "
+                                 f"(it serves {served}); start the server on grpo.policy={cfg.policy} with "
+                                 f"--served-model-name {cfg.rollout_model}")
+            checked_server.append(True)
         root = Path(cfg.output_dir) / "rollout-adapter"
         model.save_pretrained(root / str(index), safe_serialization=True)
         vllm_rollout.load_adapter(cfg.rollout_url, cfg.rollout_adapter, root / str(index))

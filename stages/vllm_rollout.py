@@ -84,7 +84,13 @@ def sample_via_server(base_url: str, model: str, tokenizer, prompts: list[str], 
 def served_models(base_url: str) -> list[str]:
     """The names the server answers to: its base model and every loaded adapter."""
     url = f"{base_url.rstrip('/').removesuffix('/v1')}/v1/models"
-    return [m["id"] for m in httpx.get(url, timeout=30).json()["data"]]
+    try:
+        response = httpx.get(url, timeout=30)
+    except httpx.HTTPError as err:
+        raise RolloutServerError(f"grpo.rollout_url: {url} did not answer ({err!r})") from err
+    if response.status_code != 200:
+        raise RolloutServerError(f"{url} answered {response.status_code}: {response.text[:500]}")
+    return [m["id"] for m in response.json()["data"]]
 
 
 def load_adapter(base_url: str, name: str, path: Path) -> None:

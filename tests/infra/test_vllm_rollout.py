@@ -65,8 +65,12 @@ def stub():
     replies: dict[str, tuple[int, dict | str]] = {}
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 (http.server's name)
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.do_POST()
+
+        def do_POST(self):  # noqa: N802
+            length = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(length)) if length else None
             requests.append((self.path, body))
             status, payload = replies.get(self.path, (200, "Success"))
             if callable(payload):
@@ -135,6 +139,19 @@ def test_load_adapter_unloads_that_name_first_and_says_how_to_enable_lora(stub, 
     replies["/v1/load_lora_adapter"] = (404, {"message": "Not Found"})
     with pytest.raises(vllm_rollout.RolloutServerError, match=r"answered 404.*--enable-lora.*RUNTIME_LORA_UPDATING"):
         vllm_rollout.load_adapter(url, "grpo-policy", tmp_path / "4")
+
+
+def test_grpo_refuses_a_server_that_does_not_serve_rollout_model(stub, sft_trained, corpus,  # noqa: F811
+                                                                  tmp_path: Path) -> None:
+    url, requests, replies = stub
+    replies["/v1/models"] = (200, {"data": [{"id": "someone-else"}]})
+    cfg = GRPOConfig(dataset=corpus, policy=sft_trained.checkpoint, output_dir=tmp_path, group_size=2,
+                     prompts_per_step=1, lora=LoraConfig(r=4), rollout_url=url, rollout_model=BASE_NAME,
+                     train=quiet_train(max_steps=1, checkpoint_every=1))
+    with pytest.raises(ValueError, match=rf"grpo\.rollout_model='{BASE_NAME}' is not served at .*someone-else.*"
+                                         rf"--served-model-name {BASE_NAME}"):
+        grpo.run(cfg)
+    assert [path for path, _ in requests] == ["/v1/models"]  # nothing loaded, nothing sampled
 
 
 # ----------------------------------------------------------------------------- the real server
