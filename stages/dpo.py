@@ -15,15 +15,13 @@ Variants: `loss_type=ipo` (Azar et al.: a squared loss that pulls the per-token 
 eps). `precompute_ref=true` scores every pair under the reference once, then frees the reference.
 
 `lora.r > 0` trains a LoRA adapter (stages/lora.py); the reference is then the same model with its
-adapter switched off (`reference_view`), so no second model sits in memory. The checkpoint is still
+adapter switched off (`lora.reference_view`), so no second model sits in memory. The checkpoint is still
 a merged plain model, with the adapter under `adapter/`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +32,7 @@ import torch.nn.functional as F
 from stages import checkpoint as ckpt
 from stages.config import to_dict
 from stages.dataset import write_jsonl
-from stages.lora import LoraConfig, is_adapted
+from stages.lora import LoraConfig, reference_view
 from stages.pairs import encode_pairs, load_pairs, synthetic_pairs  # noqa: F401 (synthetic_pairs: reused)
 from stages.rollout import pad_right, token_logprobs
 from stages.tracking import NullTracker, Tracker
@@ -111,25 +109,6 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     else:
         raise ValueError(f"unknown dpo loss_type {loss_type!r}")
     return loss, chosen_reward.detach(), rejected_reward.detach()
-
-
-@contextlib.contextmanager
-def reference_view(model: torch.nn.Module, frozen: torch.nn.Module | None) -> Iterator[torch.nn.Module]:
-    """The reference policy to score with: `frozen` (full fine-tuning's frozen copy) when there is one,
-    else the LoRA `model` itself with its adapter disabled (= the starting policy, since B starts at 0),
-    in eval mode for the pass so adapter dropout cannot touch it."""
-    if frozen is not None:
-        yield frozen
-        return
-    if not is_adapted(model):
-        raise ValueError("a reference needs a frozen copy or a LoRA model whose adapter can be disabled")
-    was_training = model.training
-    model.eval()
-    try:
-        with model.disable_adapter():
-            yield model
-    finally:
-        model.train(was_training)
 
 
 def summed_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Reasoning RL with verifiable rewards: Group Relative Policy Optimization and its variants.
 
     flywheel stage grpo dataset=data/clean policy=<checkpoint> output_dir=/tmp/grpo group_size=8
+    flywheel stage grpo gsm8k=../shared/datasets/gsm8k/train.jsonl policy=<checkpoint> ...   # GSM8K problems
     flywheel stage grpo ... loss_type=dr_grpo                      # Dr. GRPO
     flywheel stage grpo ... loss_type=dapo clip_eps_high=0.28 dynamic_sampling=true overlong_buffer=4
 
@@ -50,12 +51,12 @@ import torch
 
 from stages import checkpoint as ckpt
 from stages.chat import load_problems, prompt_text
+from stages.tasks.gsm8k import load_gsm8k
 from stages import vllm_rollout
 from stages.config import to_dict
-from stages.dpo import reference_view
-from stages.lora import LoraConfig
+from stages.lora import LoraConfig, reference_view
 from stages.monitors import MonitorConfig, RolloutMonitor
-from stages.rewards import combined, correctness
+from stages.rewards import combined, correctness, gsm8k_correctness
 from stages.rollout import masked_mean, pad_right, sample, token_logprobs
 from stages.tracking import NullTracker, Tracker
 from stages.train_loop import TrainConfig, autocast, pick_device, tune_policy
@@ -65,7 +66,8 @@ LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 
 @dataclass(frozen=True, kw_only=True)
 class GRPOConfig:
-    dataset: Path  # arithmetic problems (train split)
+    dataset: Path | None = None  # arithmetic problems (train split)
+    gsm8k: Path | None = None  # GSM8K-format problems instead (verifier: stages.rewards.gsm8k_correctness)
     policy: Path
     output_dir: Path
     group_size: int = 8  # G completions per prompt
@@ -94,6 +96,8 @@ class GRPOConfig:
     def __post_init__(self) -> None:
         if self.group_size < 2:
             raise ValueError(f"grpo.group_size must be >= 2 (advantages are relative to the group), got {self.group_size}")
+        if (self.dataset is None) == (self.gsm8k is None):
+            raise ValueError("grpo: set one source of problems, grpo.dataset (arithmetic) or grpo.gsm8k")
         if self.updates_per_rollout < 1:
             raise ValueError("grpo.updates_per_rollout must be >= 1")
         if self.loss_type not in LOSS_TYPES:
@@ -189,7 +193,8 @@ def run(cfg: GRPOConfig, tracker: Tracker | None = None) -> GRPOResult:
     device = pick_device()
     model = ckpt.load_policy(cfg.policy, cfg.lora, device=device, where="grpo.lora", seed=cfg.train.seed)
     reference = None if cfg.lora.enabled else ckpt.frozen_copy(model, device)
-    problems = load_problems(cfg.dataset, "train")
+    problems = load_gsm8k(cfg.gsm8k) if cfg.gsm8k else load_problems(cfg.dataset, "train")
+    on_gsm8k = cfg.gsm8k is not None
     tracker.log_params({"stage": "grpo", **to_dict(cfg), "data/problems": len(problems)})
     rollouts: dict[int, dict[str, torch.Tensor]] = {}
     latest = ckpt.latest_checkpoint(cfg.output_dir)
@@ -229,10 +234,10 @@ def run(cfg: GRPOConfig, tracker: Tracker | None = None) -> GRPOResult:
                            seed=cfg.train.seed * 1_000_003 + index * 101 + round_)
         answers = [p.answer for p in picked for _ in range(cfg.group_size)]
         lengths = [len(c) for c in samples.completions]
-        rewards = torch.tensor(combined(samples.texts, answers=answers, format_weight=cfg.format_weight))
+        rewards = torch.tensor(combined(samples.texts, answers=answers, format_weight=cfg.format_weight, gsm8k=on_gsm8k))
         rewards += torch.tensor(overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty))
         return {"samples": samples, "rewards": rewards, "lengths": lengths,
-                "correct": torch.tensor(correctness(samples.texts, answers=answers))}
+                "correct": torch.tensor((gsm8k_correctness if on_gsm8k else correctness)(samples.texts, answers=answers))}
 
     def select(groups: dict, keep: torch.Tensor) -> dict:
         rows = keep.repeat_interleave(cfg.group_size).nonzero().squeeze(1).tolist()

@@ -14,8 +14,10 @@ Checkpoints stay plain Hugging Face directories: `checkpoint.save_checkpoint` wr
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -162,3 +164,22 @@ def merged(model: torch.nn.Module) -> PreTrainedModel:
     plain.config._attn_implementation = "sdpa"
     plain.generation_config = copy.deepcopy(base.generation_config)
     return plain.eval()
+
+
+@contextlib.contextmanager
+def reference_view(model: torch.nn.Module, frozen: torch.nn.Module | None) -> Iterator[torch.nn.Module]:
+    """The reference policy to score with: `frozen` (full fine-tuning's frozen copy) when there is one,
+    else the LoRA `model` itself with its adapter disabled (= the starting policy, since B starts at 0),
+    in eval mode for the pass so adapter dropout cannot touch it."""
+    if frozen is not None:
+        yield frozen
+        return
+    if not is_adapted(model):
+        raise ValueError("a reference needs a frozen copy or a LoRA model whose adapter can be disabled")
+    was_training = model.training
+    model.eval()
+    try:
+        with model.disable_adapter():
+            yield model
+    finally:
+        model.train(was_training)

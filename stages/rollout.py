@@ -38,8 +38,9 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     targets = input_ids[:, 1:]
     scale = 1.0 / temperature if temperature > 0 else 1.0  # greedy (T=0) samples are scored at T=1
     out = []
-    for lo in range(0, logits.shape[0], chunk_rows):
-        rows, chosen = logits[lo:lo + chunk_rows], targets[lo:lo + chunk_rows]
+    # split, not slices: each slice's backward writes a zero-filled gradient of the whole logits tensor
+    # (quadratic in the rows: 9-15 s vs 1-1.5 s for 128 rows x 45 tokens x 4,096 vocabulary).
+    for rows, chosen in zip(logits.split(chunk_rows), targets.split(chunk_rows), strict=True):
         if torch.is_grad_enabled() and rows.requires_grad:
             # Recomputed in backward, so the fp32 chunk is not kept alive for logsumexp's gradient.
             out.append(checkpoint(_chosen_logprobs, rows, chosen, scale, use_reentrant=False))

@@ -212,3 +212,23 @@ def test_dpo_quarantines_bad_pairs_by_line_and_trains_on_the_rest(sft_trained: T
     with pytest.raises(ValueError, match="no usable preference pairs"):
         dpo.run(DPOConfig(pairs=only_bad, policy=sft_trained.checkpoint, output_dir=tmp_path / "dpo-bad",
                           batch_size=2, lineage=LINEAGE, train=quiet_train(max_steps=1, warmup_steps=0)))
+
+
+GSM8K = Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / "gsm8k" / "train.jsonl"
+
+
+@pytest.mark.skipif(not GSM8K.exists(), reason="../shared/datasets/gsm8k is not here")
+def test_grpo_plumbing_run_on_a_gsm8k_sample(sft_trained: Trained, tmp_path: Path) -> None:
+    # The CPU-sized plumbing run of the GSM8K recipe: real problems, the GSM8K verifier, two updates.
+    sample_file = tmp_path / "gsm8k-sample.jsonl"
+    sample_file.write_text("".join(GSM8K.read_text().splitlines(keepends=True)[:16]))
+    cfg = GRPOConfig(gsm8k=sample_file, policy=sft_trained.checkpoint, output_dir=tmp_path / "grpo", group_size=2,
+                     prompts_per_step=2, max_new_tokens=8, lineage=LINEAGE,
+                     train=quiet_train(max_steps=2, lr=1e-4, warmup_steps=0, checkpoint_every=2))
+    tracker = RecordingTracker()
+    result = grpo.run(cfg, tracker=tracker)
+    assert len(tracker.series("rl/reward_mean")) == 2 and all(math.isfinite(x) for x in tracker.series("rl/kl"))
+    assert tracker.params["data/problems"] == 16
+    assert ckpt.read_meta(result.checkpoint)["config"]["gsm8k"] == str(sample_file)
+    with pytest.raises(ValueError, match="one source of problems"):
+        GRPOConfig(gsm8k=sample_file, dataset=tmp_path, policy=tmp_path, output_dir=tmp_path)
