@@ -227,8 +227,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"Registered {name} v{summary['version']}: gate {'passed' if promotion.passed else 'failed'}")
     for verdict in promotion.verdicts:
         print(f"  {verdict.reason}")
+    width = max(map(len, summary["scores"]), default=9)
     for stage, m in summary["scores"].items():
-        print(f"  {stage:9s} perplexity {m.get('eval/heldout/perplexity', float('nan')):8.2f}   arithmetic accuracy "
+        print(f"  {stage:{width}s} perplexity {m.get('eval/heldout/perplexity', float('nan')):8.2f}   arithmetic accuracy "
               f"{m.get('eval/arithmetic/accuracy', 0):.3f} ± {m.get('eval/arithmetic/accuracy_stderr', 0):.3f}   "
               f"format {m.get('eval/arithmetic/format_rate', 0):.3f}")
     if summary["champion"] is None:
