@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from stages.dpo import load_pairs
+from stages.pairs import check_pair, read_records
 from ui import export
 from ui import store as st
 
@@ -72,8 +72,11 @@ def test_agreement_is_computed_over_all_labels_and_written_with_the_pairs(store,
     assert agreement["krippendorff_alpha"] is not None
 
     out = export.write(result, tmp_path / "prefs")
-    assert load_pairs(out / export.PAIRS_FILE) == [{"prompt": p["prompt"], "chosen": p["chosen"],
-                                                   "rejected": p["rejected"]} for p in result.pairs]
+    # The file reads back as DPO and the reward model read it, and every pair passes their checks.
+    read_back = [check_pair(record) for _, record in read_records(out / export.PAIRS_FILE)]
+    assert [reason for _, reason in read_back] == [None] * len(result.pairs)
+    assert [{k: pair[k] for k in ("prompt", "chosen", "rejected")} for pair, _ in read_back] == [
+        {"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in result.pairs]
     assert json.loads((out / export.SUMMARY_FILE).read_text())["pairs"] == 2
     assert "2 preference pairs" in result.markdown
 
