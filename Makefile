@@ -56,6 +56,9 @@ bench: install serving-env
 	$(BIN)/python benchmarks/evaluation.py --checkpoint .flywheel/champion/flywheel-chat/hf_model --dataset data/clean
 	$(BIN)/python benchmarks/annotation.py --think-s 0 5
 	$(BIN)/python benchmarks/feedback_loop.py
+	$(BIN)/python benchmarks/trl_steps.py --steps 20 --warmup 3 --repeats 3 --out benchmarks/results/trl_steps.json
+	$(BIN)/python benchmarks/reward_hh.py
+	$(BIN)/python benchmarks/ppo_curves.py
 
 clean:
 	-$(BIN)/flywheel services down
