@@ -253,6 +253,9 @@ def promote_flow(cfg: LifecycleConfig, ctx: RunContext, checkpoint: Path, scored
         except models.ChampionChanged as err:
             logger.warning("not promoted: %s", err)
             passed = False
+        alarms = models.monitor_alarms(tracker.client.get_model_version(promote.model_name, version).tags)
+        if alarms:  # the gate failed on them too: say so beside the metric verdicts
+            verdicts = [*verdicts, gates.monitor_verdict(alarms)]
         card = model_card.build_model_card(tracker.client, promote.model_name, version)
         model_card.log_model_card(tracker.client, promote.model_name, version, card)
         tracker.log_metrics({"gate/passed": float(passed), **{f"gate/{v.metric}/diff": v.diff for v in verdicts

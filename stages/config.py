@@ -70,6 +70,8 @@ def from_dict(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing
         raise ConfigError(f"{cls.__name__}: {e}") from None
+    except ValueError as e:  # the dataclass's own checks (__post_init__): one line, not a traceback
+        raise ConfigError(str(e)) from None
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
