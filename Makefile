@@ -28,12 +28,13 @@ serving-env: $(SERVING)/.ready
 run: install serving-env
 	$(BIN)/flywheel run --preset $(PRESET) $(ARGS)
 
-# What the tests drive besides Python: a real browser and a real PostgreSQL (Debian packages), installed
-# only when missing, as root or through sudo.
+# What the tests drive besides Python: a real browser, a real PostgreSQL and real HTML pages (Debian's
+# Python manual, for the HTML extractor), Debian packages installed only when missing, as root or sudo.
 test-deps:
 	@missing=""; \
 	command -v chromium >/dev/null || missing=" chromium"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || missing="$$missing postgresql"; \
+	ls /usr/share/doc/python3*/html/index.html >/dev/null 2>&1 || missing="$$missing python3-doc"; \
 	[ -z "$$missing" ] && exit 0; \
 	sudo=""; [ "$$(id -u)" = 0 ] || sudo="sudo"; \
 	echo "test-deps: installing Debian packages:$$missing"; \

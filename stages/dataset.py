@@ -1,9 +1,18 @@
 """The one on-disk dataset format every data stage reads and writes.
 
 A dataset is a directory of Parquet shards `part-00000.parquet, ...`, each with columns
-`id` (str), `text` (str), `source` (str), `meta` (str: a JSON object). Few, large shards keep DVC
-fast (it hashes per file). Writes are atomic: shards go to a temporary sibling directory that is
-renamed into place last, so a reader never sees half a dataset.
+`id` (str), `text` (str), `source` (str), `url` (str, "" when the record has none), `meta` (str: a
+JSON object). Few, large shards keep DVC fast (it hashes per file). Writes are atomic: shards go to
+a temporary sibling directory that is renamed into place last, so a reader never sees half a dataset.
+
+Every data stage writes the same three things under its output directory: `dataset/`, `report.json`
+(with the `fingerprint` of its config and inputs, so an unchanged re-run is a no-op) and
+`quarantine.jsonl` (one row per record or file it could not use, naming file, line or offset, and
+reason). `QuarantineLog`, `fingerprint`, `finished_report` and `write_report` are those pieces.
+
+Stages that work shard by shard take a `mapper` with the signature of the builtin `map` (the
+default): the flows pass a Ray one (`infra.ray_map`), so the same code runs in a test, on a laptop
+and on a cluster without the stage importing Ray.
 """
 
 from __future__ import annotations
@@ -12,7 +21,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +29,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-COLUMNS = ("id", "text", "source", "meta")
+COLUMNS = ("id", "text", "source", "url", "meta")
 SCHEMA = pa.schema([(c, pa.string()) for c in COLUMNS])
 
 
@@ -79,7 +88,7 @@ def write_dataset(records: Iterable[dict[str, Any]], out_dir: Path, shard_rows: 
     for rec in records:
         meta = rec.get("meta") or {}
         batch.append({
-            "id": str(rec["id"]), "text": rec["text"], "source": rec["source"],
+            "id": str(rec["id"]), "text": rec["text"], "source": rec["source"], "url": rec.get("url") or "",
             "meta": meta if isinstance(meta, str) else json.dumps(meta, sort_keys=True),
         })
         rows += 1
@@ -91,15 +100,36 @@ def write_dataset(records: Iterable[dict[str, Any]], out_dir: Path, shard_rows: 
     return rows
 
 
-def read_dataset(path: Path, sources: Iterable[str] | None = None) -> pd.DataFrame:
-    """All shards of a dataset as one DataFrame (optionally only some sources)."""
+def dataset_shards(path: Path) -> list[Path]:
+    """The shard files of a dataset directory, in order."""
     files = sorted(Path(path).glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"no Parquet shards in dataset directory {path}")
-    df = pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True)
+    return files
+
+
+def read_shard(path: Path) -> pd.DataFrame:
+    df = pq.read_table(path).to_pandas()
+    if "url" not in df.columns:  # written before the url column existed
+        df.insert(3, "url", "")
+    return df
+
+
+def read_dataset(path: Path, sources: Iterable[str] | None = None) -> pd.DataFrame:
+    """All shards of a dataset as one DataFrame (optionally only some sources)."""
+    df = pd.concat([read_shard(f) for f in dataset_shards(path)], ignore_index=True)
     if sources is not None:
         df = df[df["source"].isin(list(sources))].reset_index(drop=True)
     return df
+
+
+def iter_records(path: Path, batch_rows: int = 8192) -> Iterator[dict[str, Any]]:
+    """Every record of a dataset, streamed batch by batch (memory bounded by one batch)."""
+    for shard in dataset_shards(path):
+        for batch in pq.ParquetFile(shard).iter_batches(batch_size=batch_rows):
+            for rec in batch.to_pylist():
+                rec.setdefault("url", "")
+                yield rec
 
 
 def meta_of(row: Any) -> dict[str, Any]:
@@ -110,3 +140,97 @@ def is_heldout(record_id: str, fraction: float) -> bool:
     """Stable train/held-out split by id (same answer in every process and every run)."""
     digest = hashlib.blake2b(record_id.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64 < fraction
+
+
+# --- what every data stage writes besides its dataset -------------------------------------------
+
+RAW_CHARS = 200  # quarantine keeps a prefix only: enough to debug, not a second copy of the data
+
+
+class QuarantineLog:
+    """`quarantine.jsonl`, streamed: rows are written as they come, the file appears complete at close.
+
+        with QuarantineLog(out / "quarantine.jsonl") as q:
+            q.add(file=path, line=7, reason="invalid JSON: ...", raw=line_bytes)
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(f".tmp-{os.getpid()}-{self.path.name}")
+        self._file = open(self._tmp, "w", encoding="utf-8")
+        self.count = 0
+
+    def add(self, *, file: str | Path, reason: str, line: int | None = None, offset: int | None = None,
+            raw: str | bytes = "", **extra: Any) -> None:
+        if isinstance(raw, bytes):
+            raw = raw.decode("utf-8", errors="replace")
+        row = {"file": str(file), "line": line, "offset": offset, "reason": reason, "raw": raw[:RAW_CHARS], **extra}
+        self._file.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        self.count += 1
+
+    def extend(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Rows already shaped like `add`'s (e.g. returned by a worker)."""
+        for row in rows:
+            self._file.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            self.count += 1
+
+    def close(self) -> Path:
+        if not self._file.closed:
+            self._file.close()
+            os.replace(self._tmp, self.path)
+        return self.path
+
+    def __enter__(self) -> QuarantineLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.close()
+        else:  # a failed stage leaves the previous quarantine file as it was
+            self._file.close()
+            self._tmp.unlink(missing_ok=True)
+
+
+def file_digest(path: Path) -> str:
+    """md5 of a file's bytes, read in 1 MB chunks (DVC's hash, so lineage digests agree)."""
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(config: dict[str, Any], inputs: Iterable[Path]) -> str:
+    """One digest of a stage's config (minus its output_dir) and the bytes of every input file.
+
+    A folder stands for every file below it. Inputs that do not exist are part of the digest by name,
+    so a run that failed on a missing file is not taken as finished once the file appears.
+    """
+    h = hashlib.md5(json.dumps({k: v for k, v in config.items() if k != "output_dir"},
+                               sort_keys=True, default=str).encode())
+    for root in inputs:
+        root = Path(root)
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        for f in files:
+            h.update(str(f).encode())
+            h.update(file_digest(f).encode() if f.is_file() else b"<missing>")
+    return h.hexdigest()
+
+
+def finished_report(out_dir: Path, fp: str) -> dict[str, Any] | None:
+    """The report of an earlier run with the same fingerprint whose dataset is complete, else None."""
+    report = Path(out_dir) / "report.json"
+    try:
+        previous = json.loads(report.read_text())
+    except (OSError, ValueError):
+        return None
+    if previous.get("fingerprint") != fp or not any((Path(out_dir) / "dataset").glob("*.parquet")):
+        return None
+    return previous
+
+
+def write_report(out_dir: Path, report: dict[str, Any]) -> Path:
+    """`report.json`, written last: its presence (with the fingerprint) marks the stage finished."""
+    return write_atomically(Path(out_dir) / "report.json",
+                            lambda tmp: tmp.write_text(json.dumps(report, indent=2, sort_keys=True, default=str)))
