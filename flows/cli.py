@@ -16,12 +16,15 @@
     flywheel feedback [--preset tiny] [section.key=value ...]  export -> DPO from the champion -> gate -> serve
     flywheel deploy [--preset tiny] [section.key=value ...]  Prefect deployments and schedules (the worker runs them)
     flywheel worker [--port P]                               run deployments' flow runs (what services start)
+    flywheel data list|checkout MD5 [--name N]|checkout --model NAME@ALIAS
+                                                             dataset versions: list them, bring any back from the remote
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import logging
 import os
 import sys
@@ -30,7 +33,7 @@ from pathlib import Path
 
 from infra.settings import apply_offline_env, load_settings
 
-STAGES = ("collect", "clean", "validate", "tokenizer", "base_model", "pretrain", "sft", "reward", "dpo", "ppo", "grpo",
+STAGES = ("collect", "clean", "dedup", "decontaminate", "mix", "validate", "tokenizer", "base_model", "pretrain", "sft", "reward", "dpo", "ppo", "grpo",
           "rejection", "evaluate")
 
 
@@ -285,7 +288,17 @@ def cmd_stage(args: argparse.Namespace) -> int:
     if args.name == "pretrain":
         section["model"] = preset.get("model", {})
     cfg = from_dict(klass, deep_merge(section, parse_overrides(args.overrides)))
-    result = module.run(cfg)
+    if "mapper" in inspect.signature(module.run).parameters and not args.local:
+        # A shard-wise data stage: its shards run as Ray tasks (RAY_ADDRESS, or a local Ray), as in the flow.
+        from infra import ray_executor, ray_map
+
+        ray_executor.ensure_ray()
+        try:
+            result = module.run(cfg, mapper=ray_map.mapper())
+        finally:
+            ray_executor.shutdown()
+    else:
+        result = module.run(cfg)
     print(result)
     return 0
 
@@ -396,6 +409,8 @@ def parser() -> argparse.ArgumentParser:
     stage = sub.add_parser("stage", help="run one stage, no orchestration")
     stage.add_argument("name", choices=STAGES)
     stage.add_argument("--preset", default="tiny")
+    stage.add_argument("--local", action="store_true",
+                       help="data stages: process the shards in this process instead of as Ray tasks")
     stage.add_argument("overrides", nargs="*", metavar="key=value")
     stage.set_defaults(fn=cmd_stage)
     svc = sub.add_parser("services", help="embedded Prefect + MLflow servers")
@@ -478,6 +493,15 @@ def parser() -> argparse.ArgumentParser:
     wrk = sub.add_parser("worker", help="execute deployment runs in this process (what services start)")
     wrk.add_argument("--port", type=int, default=0, help="port of its health endpoint")
     wrk.set_defaults(fn=_delegate("flows.deploy", "cmd_worker"))
+    dat = sub.add_parser("data", help="dataset versions (DVC): list them, check any out from the remote")
+    dat_sub = dat.add_subparsers(dest="action", required=True)
+    dat_sub.add_parser("list", help="current versions in data/ and every version a run read (from MLflow)")
+    chk = dat_sub.add_parser("checkout", help="bring a version back into data/<name> (from the cache or the remote)")
+    chk.add_argument("md5", nargs="?", help="the version's md5 (as `flywheel data list` shows it)")
+    chk.add_argument("--name", default=None, help="data/<name> to restore into (default: the name runs read it as)")
+    chk.add_argument("--model", default=None, metavar="NAME@ALIAS",
+                     help="every dataset in a registered version's lineage, e.g. flywheel-chat@champion or flywheel-chat@3")
+    dat.set_defaults(fn=_delegate("flows.datasets", "cmd_data"))
     return p
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,7 +148,44 @@ def version_dataset(repo_root: Path, src: Path, name: str, remote_url: str) -> D
         repo.push(targets=[str(dest)], remote=REMOTE_NAME)
     version = current_version(root, name)
     assert version is not None  # dvc add just wrote the .dvc file
+    _stage_in_git(root, version)
     return version
+
+
+def _stage_in_git(root: Path, version: DataVersion) -> None:
+    """`git add` the version's .dvc file (and data/.gitignore) so the next commit pins it.
+
+    Staged, never committed: what goes into history stays the user's call, but the version no
+    longer sits untracked where `git status` readers miss it.
+    """
+    if not (root / ".git").exists():
+        return
+    paths = [str(p.relative_to(root)) for p in (version.dvc_file, version.path.parent / ".gitignore") if p.exists()]
+    try:
+        subprocess.run(["git", "add", "--", *paths], cwd=root, check=True, capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        logging.getLogger(__name__).warning("could not git add %s: %s", paths, e)
+
+
+def remote_location(version: DataVersion) -> str:
+    """Where the remote keeps the version's directory listing (DVC 3 layout: files/md5/ab/cdef....dir)."""
+    return f"{version.remote.rstrip('/')}/files/md5/{version.md5[:2]}/{version.md5[2:]}"
+
+
+def version_at(repo_root: Path, path: Path) -> DataVersion | None:
+    """The current DVC version holding `path` (data/<name> or a file in it), or None for an unversioned path."""
+    root = Path(repo_root).resolve()
+    try:
+        name = Path(path).resolve().relative_to(root / "data").parts[0]
+    except (ValueError, IndexError):
+        return None
+    return current_version(root, name)
+
+
+def current_versions(repo_root: Path) -> list[DataVersion]:
+    """Every dataset versioned in data/ (one per `data/<name>.dvc`)."""
+    root = Path(repo_root).resolve()
+    return [v for f in sorted((root / "data").glob("*.dvc")) if (v := current_version(root, f.stem)) is not None]
 
 
 def checkout_version(repo_root: Path, name: str, md5: str, remote_url: str) -> DataVersion:
@@ -163,6 +201,7 @@ def checkout_version(repo_root: Path, name: str, md5: str, remote_url: str) -> D
     if data["outs"][0].get("md5") != md5:
         # size/nfiles describe the version being replaced: drop them rather than record wrong ones.
         data["outs"] = [{"md5": md5, "hash": "md5", "path": name}]
+        dvc_file.parent.mkdir(parents=True, exist_ok=True)
         dvc_file.write_text(yaml.safe_dump(data, sort_keys=False))
     with _repo(root) as repo:
         repo.pull(targets=[str(dvc_file)], remote=REMOTE_NAME, force=True)

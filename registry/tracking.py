@@ -13,6 +13,7 @@ opens a child run with `start_run(..., parent_run_id=...)`).
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import time
 from collections.abc import Iterator, Mapping
@@ -20,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import (
     MAX_ENTITY_KEY_LENGTH,
     MAX_METRICS_PER_BATCH,
@@ -87,6 +88,18 @@ class MLflowTracker:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, str(value))
+
+    def log_dataset(self, name: str, digest: str, source: str, source_type: str = "dvc",
+                    context: str = "training", profile: Mapping[str, Any] | None = None) -> None:
+        """An MLflow dataset input (the UI's Dataset column): metadata only, nothing is loaded or copied.
+
+        For a DVC version, `digest` is its md5 and `source` where the remote keeps it, so the run names
+        the exact data it read and where to fetch it.
+        """
+        dataset = Dataset(name=name, digest=digest, source_type=source_type, source=source,
+                          profile=json.dumps(dict(profile)) if profile else None)
+        self.client.log_inputs(self.run_id, datasets=[
+            DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
 
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
