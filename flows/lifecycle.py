@@ -17,10 +17,11 @@ version untouched.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,10 @@ from prefect.runtime import flow_run
 
 from mlflow import MlflowClient
 
+from flows import datasets
 from flows.lifecycle_config import LifecycleConfig
 from flows.serving import serve_flow
-from infra import ray_executor
+from infra import ray_executor, ray_map
 from infra.settings import load_settings
 from registry import data_versions, model_card, models
 from registry import gate as gates
@@ -43,7 +45,10 @@ from stages.evaluate import read_items
 from stages.validate import raise_for_failures
 
 EXPERIMENT = "flywheel"
-DATASET_NAME = "clean"
+DATASET_NAME = "clean"  # data/<name>: the validated corpus every later phase trains on
+DATA_STAGES = ("collect", "clean")  # dedup, decontaminate, mix join as they land
+# data/<name> of each data stage's output (the mix becomes DATASET_NAME once validated)
+STAGE_VERSIONS = {"collect": "raw", "clean": "filtered", "dedup": "deduped", "decontaminate": "decontaminated"}
 REJECTION_DATA = "rejection-sft"  # data/<name>: the SFT data rejection sampling writes, one DVC version per run
 
 
@@ -74,8 +79,11 @@ def run_stage(name: str, cfg: Any, ctx: RunContext, run_name: str | None = None,
                      tags=tags) as tracker:
         started = time.perf_counter()
         module = importlib.import_module(f"stages.{name}")
+        log_dataset_inputs(tracker, cfg)
         if ray_cfg is not None:
             result = ray_executor.run_distributed(name, cfg, tracker, ray_cfg)
+        elif "mapper" in inspect.signature(module.run).parameters:  # shard-wise: each shard a Ray task
+            result = module.run(cfg, tracker, mapper=ray_map.mapper())
         else:
             result = module.run(cfg, tracker)
         wall = time.perf_counter() - started
@@ -87,22 +95,43 @@ def run_stage(name: str, cfg: Any, ctx: RunContext, run_name: str | None = None,
     return result, tracker.run_id
 
 
+def log_dataset_inputs(tracker: Any, cfg: Any) -> None:
+    """Every DVC-versioned dataset a stage reads becomes an MLflow dataset input of its run (name, md5, remote)."""
+    repo_root = load_settings().repo_root
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, Path) and (version := data_versions.version_at(repo_root, value)) is not None:
+            tracker.log_dataset(f"data/{version.name}", version.md5, data_versions.remote_location(version),
+                                context=f.name)
+
+
 @task(cache_policy=NO_CACHE)
-def version_dataset(dataset: Path) -> data_versions.DataVersion:
+def version_dataset(dataset: Path, name: str = DATASET_NAME) -> data_versions.DataVersion:
     s = load_settings()
     data_versions.ensure_repo(s.repo_root, s.dvc_remote)
-    return data_versions.version_dataset(s.repo_root, dataset, DATASET_NAME, s.dvc_remote)
+    return data_versions.version_dataset(s.repo_root, dataset, name, s.dvc_remote)
 
 
 @flow(name="data", validate_parameters=False)
 def data_flow(cfg: LifecycleConfig, ctx: RunContext) -> data_versions.DataVersion:
-    """collect -> clean -> validate (the gate) -> a DVC version of the cleaned dataset."""
-    collected, _ = run_stage("collect", cfg.build("collect", output_dir=ctx.out("collect")), ctx)
-    cleaned, _ = run_stage("clean", cfg.build("clean", input_dir=collected.dataset, output_dir=ctx.out("clean")), ctx)
-    validation, _ = run_stage("validate", cfg.build("validate", dataset=cleaned.dataset,
-                                                    output_dir=ctx.out("validate")), ctx)
-    raise_for_failures(validation, cleaned.dataset)  # stops the lifecycle before the tokenizer
-    return version_dataset(cleaned.dataset)
+    """collect -> clean -> dedup -> decontaminate -> mix -> validate (the gate) -> data/clean.
+
+    Each stage's dataset becomes a DVC version (data/raw, data/filtered, ...) that the next stage reads,
+    so every stage run names its input's md5 in MLflow and any step can be re-run from its exact input.
+    Only a mix that passes validation becomes data/clean, what the rest of the lifecycle trains on: a
+    failure anywhere leaves the last good data/clean as it was.
+    """
+    ray_executor.ensure_ray()  # the shard-wise stages run their shards as Ray tasks
+    dataset: Path | None = None
+    for name in DATA_STAGES:
+        wiring = {} if dataset is None else {"input_dir": dataset}
+        result, _ = run_stage(name, cfg.build(name, output_dir=ctx.out(name), **wiring), ctx)
+        dataset = version_dataset(result.dataset, STAGE_VERSIONS[name]).path if name in STAGE_VERSIONS else result.dataset
+    validation, _ = run_stage("validate", cfg.build("validate", dataset=dataset, output_dir=ctx.out("validate")), ctx)
+    datasets.publish_report(ctx.mlflow_uri, ctx.parent_run_id, {n: ctx.out(n) for n in (*DATA_STAGES, "validate")},
+                        ctx.out("data-report"))
+    raise_for_failures(validation, dataset)  # stops the lifecycle before the tokenizer
+    return version_dataset(dataset)
 
 
 @flow(name="tokenizer", validate_parameters=False)
