@@ -98,23 +98,25 @@ def test_parquet_eval_file_with_a_list_field(tmp_path):
     assert rows["choice"]["ngram"] == "it produces most of the chemical energy the cell needs"
     assert rows["q"]["item"] == 1 and rows["q"]["eval_id"] == "mmlu:1"
     counts = json.loads(res.report.read_text())["eval_sets"][str(eval_file)]
-    assert counts["short_texts"] == 1 and counts["skipped_short"] == 3  # "Paris", the code, the waste
+    assert counts["whole_texts"] == 1 and counts["skipped_short"] == 3  # "Paris", the code, the waste
 
 
 def test_arithmetic_test_split_is_kept_and_a_train_text_embedding_it_removed(tmp_path):
-    problems = generate(40, seed=123)
-    test_q, train_qs = problems[0].question, [p.question for p in problems[1:4]]
-    meta = {"answer": 1, "reasoning": "1 + 0 = 1"}
-    records = [{"id": "test-0", "text": test_q, "source": "arithmetic", "meta": {**meta, "split": "test"}}]
-    records += [{"id": f"train-{i}", "text": q, "source": "arithmetic", "meta": {**meta, "split": "train"}}
-                for i, q in enumerate(train_qs)]
+    test_q = "Vera has 10 bags with 4 oranges in each. How many oranges does Vera have altogether?"
+    # another problem of the same template: it shares 13 words with the test question, but not the question
+    sibling = "Vera has 7 bags with 4 oranges in each. How many oranges does Vera have altogether?"
+    meta = {"answer": 40, "reasoning": "10 x 4 = 40"}
+    records = [{"id": "test-0", "text": test_q, "source": "arithmetic", "meta": {**meta, "split": "test"}},
+               {"id": "sibling", "text": sibling, "source": "arithmetic", "meta": {**meta, "split": "train"}}]
+    records += [{"id": f"train-{i}", "text": p.question, "source": "arithmetic", "meta": {**meta, "split": "train"}}
+                for i, p in enumerate(generate(3, seed=123))]
     records.append({"id": "leak", "text": f"Homework help! Question: {test_q} Answer below.", "source": "web"})
     write_dataset(records, tmp_path / "in")
     res = decontaminate.run(DecontaminateConfig(input_dir=tmp_path / "in", output_dir=tmp_path / "out"))
-    out = kept(res)
-    assert "test-0" in out and "leak" not in out
-    leak = {row["id"]: row for row in contaminated(res)}["leak"]
-    assert (leak["eval"], leak["eval_id"]) == ("arithmetic:test", "test-0")
+    assert kept(res) == {"test-0", "sibling", "train-0", "train-1", "train-2"}
+    (leak,) = contaminated(res)
+    assert (leak["id"], leak["eval"], leak["eval_id"]) == ("leak", "arithmetic:test", "test-0")
+    assert leak["ngram"] == " ".join(words(test_q))  # matched as the whole question
     assert json.loads(res.report.read_text())["exempt_eval_records"] == 1
 
 
