@@ -1,49 +1,75 @@
 """`flywheel stage collect output_dir=/tmp/raw` — gather raw text from every connector into one dataset.
 
-Connectors, each a generator of records (`id`, `text`, `source`, `meta`):
+    flywheel stage collect output_dir=/tmp/raw builtin_text=false arithmetic_problems=0 folders=[~/notes]
+    flywheel stage collect output_dir=/tmp/raw builtin_text=false arithmetic_problems=0 files=[data/qa.jsonl.gz] text_field=question id_field=qid
+    flywheel stage collect output_dir=/tmp/raw builtin_text=false arithmetic_problems=0 warc=[crawl/CC-MAIN-00000.warc.gz]
+    flywheel stage collect output_dir=/tmp/raw builtin_text=false arithmetic_problems=0 urls=[urls.txt] http.concurrency=8
+    flywheel stage collect output_dir=/tmp/raw builtin_text=false arithmetic_problems=0 hf_datasets=[/data/saved_corpus]
+
+Sources, each a small connector (`stages/connectors/`) yielding records (`id`, `text`, `source`,
+`url`, `meta`):
 
 - builtin: docstrings of the Python standard library, parsed from source with `ast`, plus the
   `pydoc_data` help topics: about 2 MB of real English that every machine has, so the demo and the
   tests need no download;
 - arithmetic: generated word problems with checkable answers (`stages.tasks.arithmetic`);
-- folders: every `.txt`/`.md` file below a folder, one record per file;
-- files: JSONL (optionally gzipped) or Parquet, the text taken from `text_field`.
+- folders: every `.txt`/`.md`/`.html`/`.htm` file below a folder, one record per file (HTML through
+  the main-content extractor, `stages/html.py`);
+- files: JSONL (optionally gzipped) or Parquet, the text taken from `text_field` (and the id and URL
+  from `id_field` and `url_field` when given);
+- warc: WARC files, one record per HTML response;
+- urls: URLs, or text files listing one URL per line, fetched politely (`http.*` settings);
+- hf_datasets: Hugging Face datasets saved with `save_to_disk`, or Hub names (streamed) when online.
 
-A malformed record never stops the run: it goes to `quarantine.jsonl` with its file, line and
-reason, so one bad line in a million is a number on a dashboard rather than a failed pipeline.
+Bad input never stops the run and never vanishes: every record or file that cannot be used is a row
+of `quarantine.jsonl` naming its file, line or byte offset, and reason, and every good record before
+and after the damage is kept. `report.json` counts rows per source, quarantined rows per reason, and
+names the files that could not be read at all. Each input is one job given to `mapper` (Ray in the
+flows); an unchanged re-run (same config, same input bytes) returns the previous result unread.
 """
 
 from __future__ import annotations
 
 import ast
-import gzip
 import hashlib
 import json
 import os
 import re
+import shutil
 import sysconfig
 import warnings
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from stages.config import to_dict
-from stages.dataset import write_dataset, write_jsonl
+from stages.connectors import DEFAULT_MAX_DOC_BYTES, FieldMap
+from stages.connectors import files as file_connector
+from stages.connectors import folders as folder_connector
+from stages.connectors import hf as hf_connector
+from stages.connectors import http as http_connector
+from stages.connectors import warc as warc_connector
+from stages.connectors.http import HttpConfig
+from stages.dataset import (SCHEMA, QuarantineLog, atomic_dir, commit_dir, file_digest, finished_report, fingerprint,
+                            write_dataset, write_report)
 from stages.tasks import arithmetic
 from stages.tracking import NullTracker, Tracker
 
-FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
-FOLDER_SUFFIXES = (".txt", ".md")
+FILE_SUFFIXES = file_connector.SUFFIXES
+WARC_SUFFIXES = warc_connector.SUFFIXES
+FOLDER_SUFFIXES = folder_connector.SUFFIXES
 # Tests of the stdlib are code, not prose; idlelib (a GUI) and lib2to3 (grammar fixers and
 # fixtures) add little English; site-packages is whatever happens to be installed, which would make
 # the corpus differ between machines.
 SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
-RAW_CHARS = 200  # quarantine keeps a prefix only: enough to debug, not a second copy of the data
+TUPLE_FIELDS = ("folders", "files", "warc", "urls", "hf_datasets")
+file_source_name = file_connector.file_stem
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,12 +79,27 @@ class CollectConfig:
     max_builtin_chars: int = 0  # stop each builtin source after this many characters (0 = all)
     arithmetic_problems: int = 3000
     arithmetic_test_fraction: float = 0.1  # share of problems held out for evaluation (meta.split)
-    folders: tuple[str, ...] = ()  # every .txt/.md below each, recursively
+    folders: tuple[str, ...] = ()  # every .txt/.md/.html/.htm below each, recursively
     files: tuple[str, ...] = ()  # .jsonl, .jsonl.gz or .parquet
-    text_field: str = "text"  # the field of a file record that holds the text
+    warc: tuple[str, ...] = ()  # .warc or .warc.gz
+    urls: tuple[str, ...] = ()  # http(s) URLs, or paths of text files listing one URL per line
+    hf_datasets: tuple[str, ...] = ()  # save_to_disk directories, or Hub names (owner/name[:config])
+    text_field: str = "text"  # the field of a file/dataset record that holds the text
+    id_field: str | None = None  # ... its id (None: <source>:<line or row>)
+    url_field: str | None = None  # ... its URL (None: no URL)
+    max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES  # a larger document is one quarantine row, never loaded
+    http: HttpConfig = field(default_factory=HttpConfig)
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for name in TUPLE_FIELDS:  # `folders=docs` on the command line means one folder, not four letters
+            value = getattr(self, name)
+            if isinstance(value, str | Path):
+                object.__setattr__(self, name, (str(value),))
+            elif not all(isinstance(v, str | Path) and str(v).strip() for v in value):
+                raise ValueError(f"{name}: every entry must be a non-empty path or name, got {list(value)!r}")
+            else:
+                object.__setattr__(self, name, tuple(str(v) for v in value))
         if self.max_builtin_chars < 0:
             raise ValueError(f"max_builtin_chars must be >= 0 (0 = all), got {self.max_builtin_chars}")
         if self.arithmetic_problems < 0:
@@ -68,30 +109,50 @@ class CollectConfig:
                 f"arithmetic_test_fraction must be in [0, 1], got {self.arithmetic_test_fraction}")
         if not self.text_field:
             raise ValueError("text_field must not be empty")
+        for name in ("id_field", "url_field"):
+            value = getattr(self, name)
+            if value is not None and (not value or value == self.text_field):
+                raise ValueError(f"{name} must be a non-empty field other than text_field, got {value!r}")
+        if self.max_doc_bytes <= 0:
+            raise ValueError(f"max_doc_bytes must be > 0, got {self.max_doc_bytes}")
+        if not isinstance(self.http, HttpConfig):
+            raise ValueError(f"http must be an HttpConfig, got {type(self.http).__name__}")
         for f in self.files:
-            if not str(f).endswith(FILE_SUFFIXES):
+            if not f.endswith(FILE_SUFFIXES):
                 raise ValueError(f"files: {f} is not one of {', '.join(FILE_SUFFIXES)}")
+        for f in self.warc:
+            if not f.endswith(WARC_SUFFIXES):
+                raise ValueError(f"warc: {f} is not one of {', '.join(WARC_SUFFIXES)}")
+        for u in self.urls:
+            if "://" in u and not http_connector.is_url(u):
+                raise ValueError(f"urls: {u} is not an http(s) URL (nor a path of a file listing URLs)")
         # Source names become ids: two inputs with the same name would produce colliding ids.
-        for field, names in (("folders", [Path(f).name for f in self.folders]),
-                             ("files", [file_source_name(f) for f in self.files])):
+        for name, names in (("folders", [Path(f).name for f in self.folders]),
+                            ("files", [file_source_name(f) for f in self.files]),
+                            ("warc", [warc_connector.warc_stem(f) for f in self.warc]),
+                            ("urls", [Path(u).stem for u in self.urls if not http_connector.is_url(u)]),
+                            ("hf_datasets", [hf_connector.hf_name(d) for d in self.hf_datasets])):
             dupes = sorted(n for n, c in Counter(names).items() if c > 1)
             if dupes:
-                raise ValueError(f"{field}: two entries share the name {dupes[0]!r}")
+                raise ValueError(f"{name}: two entries share the name {dupes[0]!r}")
+
+    @property
+    def fields(self) -> FieldMap:
+        return FieldMap(text=self.text_field, id=self.id_field, url=self.url_field)
+
+    def inputs(self) -> list[Path]:
+        """The local paths whose bytes the result depends on (the fingerprint reads them)."""
+        local = [*self.folders, *self.files, *self.warc, *(u for u in self.urls if not http_connector.is_url(u)),
+                 *(d for d in self.hf_datasets if Path(d).exists())]
+        return [Path(p) for p in local]
 
 
 @dataclass(frozen=True)
 class CollectResult:
     dataset: Path
+    report: Path
     quarantine: Path
     metrics: dict[str, float]
-
-
-def file_source_name(path: str | Path) -> str:
-    name = Path(path).name
-    for suffix in FILE_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def metric_key(*parts: str) -> str:
@@ -187,122 +248,180 @@ def arithmetic_records(n: int, test_fraction: float, seed: int) -> Iterator[dict
         }
 
 
-# --- folders and files -----------------------------------------------------------------------
+# --- one job per input: a module-level function of one picklable argument, for any mapper --------
 
 
-def _quarantine(file: Path, line: int | None, reason: str, raw: str | bytes) -> dict[str, Any]:
-    if isinstance(raw, bytes):
-        raw = raw.decode("utf-8", errors="replace")
-    return {"file": str(file), "line": line, "reason": reason, "raw": raw[:RAW_CHARS]}
+@dataclass(frozen=True)
+class Job:
+    index: int
+    kind: str  # stdlib-docstrings | stdlib-topics | arithmetic | folder | file | warc | urls | hf
+    target: str
+    cfg: CollectConfig
+    work_dir: Path
 
 
-def folder_records(folder: Path, quarantine: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    if not folder.is_dir():
-        raise FileNotFoundError(f"folders: {folder} is not a directory")
-    source = f"folder:{folder.name}"
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in FOLDER_SUFFIXES):
-        raw = path.read_bytes()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            quarantine.append(_quarantine(path, None, f"invalid UTF-8: {e}", raw))
-            continue
-        rel = path.relative_to(folder).as_posix()
-        yield {"id": f"{source}:{rel}", "text": text, "source": source, "meta": {"path": str(path)}}
+class TallyQuarantine(QuarantineLog):
+    """A QuarantineLog that also counts what it was told, for the report."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.kinds: Counter[str] = Counter()
+        self.per_source: Counter[str] = Counter()
+        self.unreadable: list[dict[str, Any]] = []
+        self.damaged: list[dict[str, Any]] = []
+
+    def add(self, **row: Any) -> None:  # type: ignore[override]
+        super().add(**row)
+        self.kinds[row.get("kind") or row["reason"]] += 1
+        if row.get("scope") == "file":
+            entry = {"file": str(row["file"]), "reason": row["reason"]}
+            (self.damaged if row.get("partial") else self.unreadable).append(entry)
+        elif row.get("source"):
+            self.per_source[row["source"]] += 1
 
 
-def _text_of(record: Any, text_field: str) -> tuple[str | None, str]:
-    """(text, "") for a good record, (None, reason) for a malformed one."""
-    if not isinstance(record, dict):
-        return None, f"record is a {type(record).__name__}, not an object"
-    if text_field not in record:
-        return None, f"missing field {text_field!r}"
-    text = record[text_field]
-    if not isinstance(text, str):
-        return None, f"field {text_field!r} is {type(text).__name__}, not a string"
-    return text, ""
+def _records(job: Job, q: QuarantineLog, skipped: Counter[str], fetch: dict[str, int]) -> Iterator[dict[str, Any]]:
+    cfg = job.cfg
+    digest = _memo(file_digest)
+    if job.kind == "stdlib-docstrings":
+        yield from stdlib_docstrings(cfg.max_builtin_chars)
+    elif job.kind == "stdlib-topics":
+        yield from stdlib_topics(cfg.max_builtin_chars)
+    elif job.kind == "arithmetic":
+        yield from arithmetic_records(cfg.arithmetic_problems, cfg.arithmetic_test_fraction, cfg.seed)
+    elif job.kind == "folder":
+        yield from folder_connector.folder_records(Path(job.target), q, cfg.max_doc_bytes, digest)
+    elif job.kind == "file":
+        yield from file_connector.file_records(Path(job.target), q, cfg.fields, cfg.max_doc_bytes, digest)
+    elif job.kind == "warc":
+        yield from warc_connector.warc_records(Path(job.target), q, cfg.max_doc_bytes, skipped, digest)
+    elif job.kind == "urls":
+        cache = Path(cfg.http.cache_dir or Path(cfg.output_dir) / "http_cache").resolve()
+        yield from http_connector.url_records(cfg.urls, q, cfg.http, cache, cfg.max_doc_bytes, fetch)
+    elif job.kind == "hf":
+        yield from hf_connector.hf_records(job.target, q, cfg.fields, cfg.max_doc_bytes)
+    else:
+        raise ValueError(f"unknown collect job kind {job.kind!r}")
 
 
-def file_records(path: Path, text_field: str, quarantine: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"files: {path} does not exist")
-    source = f"file:{file_source_name(path)}"
+def _memo(fn: Callable[[Path], str]) -> Callable[[Path], str]:
+    seen: dict[Path, str] = {}
 
-    def record(line: int, rec: dict[str, Any]) -> dict[str, Any]:
-        text, _ = _text_of(rec, text_field)
-        extra = {k: v for k, v in rec.items() if k != text_field}
-        return {"id": f"{source}:{line}", "text": text, "source": source,
-                "meta": {"path": str(path), "line": line, "fields": extra}}
+    def cached(path: Path) -> str:
+        if path not in seen:
+            seen[path] = fn(path)
+        return seen[path]
 
-    if path.name.endswith(".parquet"):
-        # Row numbers (1-based) stand in for line numbers so quarantine entries read the same.
-        for row, rec in enumerate(pq.read_table(path).to_pylist(), start=1):
-            text, reason = _text_of(rec, text_field)
-            if text is None:
-                quarantine.append(_quarantine(path, row, reason, json.dumps(rec, default=str)))
-            else:
-                yield record(row, rec)
-        return
+    return cached
 
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                rec = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                quarantine.append(_quarantine(path, line_no, f"invalid UTF-8: {e}", raw))
-                continue
-            except json.JSONDecodeError as e:
-                quarantine.append(_quarantine(path, line_no, f"invalid JSON: {e}", raw))
-                continue
-            text, reason = _text_of(rec, text_field)
-            if text is None:
-                quarantine.append(_quarantine(path, line_no, reason, raw))
-                continue
-            yield record(line_no, rec)
+
+def collect_job(job: Job) -> dict[str, Any]:
+    """Write one input's records to `work_dir/<index>/` and return its (small) counts."""
+    out = Path(job.work_dir) / f"{job.index:04d}"
+    rows: Counter[str] = Counter()
+    chars: Counter[str] = Counter()
+    skipped: Counter[str] = Counter()
+    fetch: dict[str, int] = {}
+
+    def counted(records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for rec in records:
+            rows[rec["source"]] += 1
+            chars[rec["source"]] += len(rec["text"])
+            yield rec
+
+    with TallyQuarantine(out / "quarantine.jsonl") as q:
+        total = write_dataset(counted(_records(job, q, skipped, fetch)), out / "dataset")
+    return {"index": job.index, "kind": job.kind, "target": job.target, "rows": total, "dir": str(out),
+            "rows_per_source": dict(rows), "chars_per_source": dict(chars), "skipped": dict(skipped),
+            "fetch": fetch, "quarantined": q.count, "kinds": dict(q.kinds), "per_source": dict(q.per_source),
+            "unreadable": q.unreadable, "damaged": q.damaged}
+
+
+def jobs_of(cfg: CollectConfig, work_dir: Path) -> list[Job]:
+    kinds: list[tuple[str, str]] = []
+    if cfg.builtin_text:
+        kinds += [("stdlib-docstrings", ""), ("stdlib-topics", "")]
+    if cfg.arithmetic_problems:
+        kinds.append(("arithmetic", ""))
+    kinds += [("folder", f) for f in cfg.folders] + [("file", f) for f in cfg.files]
+    kinds += [("warc", f) for f in cfg.warc]
+    if cfg.urls:
+        kinds.append(("urls", ""))  # one job: one thread pool and one robots cache for every list
+    kinds += [("hf", d) for d in cfg.hf_datasets]
+    return [Job(index=i, kind=k, target=str(Path(t).resolve()) if t and Path(t).exists() else t, cfg=cfg,
+                work_dir=work_dir) for i, (k, t) in enumerate(kinds)]
 
 
 # --- the stage -------------------------------------------------------------------------------
 
 
-def run(cfg: CollectConfig, tracker: Tracker | None = None) -> CollectResult:
+def run(cfg: CollectConfig, tracker: Tracker | None = None, mapper: Callable = map) -> CollectResult:
     tracker = tracker or NullTracker()
     tracker.log_params(to_dict(cfg))
-    out = Path(cfg.output_dir)
+    out = Path(cfg.output_dir).resolve()  # Ray workers run elsewhere: absolute paths only
     out.mkdir(parents=True, exist_ok=True)
-    quarantine: list[dict[str, Any]] = []
+    dataset, quarantine_path = out / "dataset", out / "quarantine.jsonl"
+    fp = fingerprint(to_dict(cfg), cfg.inputs())
+    previous = finished_report(out, fp)
+    if previous is not None:  # same config, same input bytes: the dataset on disk is the answer
+        metrics = {k: float(v) for k, v in previous["metrics"].items()}
+        tracker.log_metrics(metrics)
+        return CollectResult(dataset=dataset, report=out / "report.json", quarantine=quarantine_path,
+                             metrics=metrics)
 
-    def records() -> Iterator[dict[str, Any]]:
-        if cfg.builtin_text:
-            yield from stdlib_docstrings(cfg.max_builtin_chars)
-            yield from stdlib_topics(cfg.max_builtin_chars)
-        if cfg.arithmetic_problems:
-            yield from arithmetic_records(cfg.arithmetic_problems, cfg.arithmetic_test_fraction, cfg.seed)
-        for folder in cfg.folders:
-            yield from folder_records(Path(folder), quarantine)
-        for file in cfg.files:
-            yield from file_records(Path(file), cfg.text_field, quarantine)
+    work = out / ".work"
+    shutil.rmtree(work, ignore_errors=True)
+    results = sorted(mapper(collect_job, jobs_of(cfg, work)), key=lambda r: r["index"])
+
+    tmp = atomic_dir(dataset)
+    shards = 0
+    for r in results:
+        if r["rows"]:
+            for shard in sorted((Path(r["dir"]) / "dataset").glob("*.parquet")):
+                os.replace(shard, tmp / f"part-{shards:05d}.parquet")
+                shards += 1
+    if shards == 0:  # readers expect at least one shard, even of nothing
+        pq.write_table(pa.Table.from_pylist([], schema=SCHEMA), tmp / "part-00000.parquet")
+    with QuarantineLog(quarantine_path) as q:
+        for r in results:
+            with open(Path(r["dir"]) / "quarantine.jsonl", encoding="utf-8") as f:
+                q.extend(json.loads(line) for line in f)
+    commit_dir(tmp, dataset)
+    shutil.rmtree(work, ignore_errors=True)
 
     rows: Counter[str] = Counter()
     chars: Counter[str] = Counter()
-
-    def counted() -> Iterator[dict[str, Any]]:
-        for rec in records():
-            rows[rec["source"]] += 1
-            chars[rec["source"]] += len(rec["text"])
-            yield rec
-
-    dataset = out / "dataset"
-    total = write_dataset(counted(), dataset)
-    quarantine_path = out / "quarantine.jsonl"
-    write_jsonl(quarantine, quarantine_path)
-
-    metrics: dict[str, float] = {"data/rows_out": float(total), "data/quarantined": float(len(quarantine)),
-                                 "data/chars_out": float(sum(chars.values()))}
-    for source in sorted(rows):
+    lost: Counter[str] = Counter()
+    kinds: Counter[str] = Counter()
+    skipped: Counter[str] = Counter()
+    fetch: Counter[str] = Counter()
+    for r in results:
+        rows.update(r["rows_per_source"])
+        chars.update(r["chars_per_source"])
+        lost.update(r["per_source"])
+        kinds.update(r["kinds"])
+        skipped.update(r["skipped"])
+        fetch.update(r["fetch"])
+    total, quarantined = sum(rows.values()), sum(r["quarantined"] for r in results)
+    unreadable = [u for r in results for u in r["unreadable"]]
+    metrics: dict[str, float] = {"data/rows_in": float(total + sum(lost.values())), "data/rows_out": float(total),
+                                 "data/quarantined": float(quarantined), "data/chars_out": float(sum(chars.values())),
+                                 "data/collect/unreadable_files": float(len(unreadable)),
+                                 "data/collect/skipped": float(sum(skipped.values()))}
+    for source in sorted(rows.keys() | lost.keys()):
         metrics[metric_key("data", "collect", source, "rows")] = float(rows[source])
         metrics[metric_key("data", "collect", source, "chars")] = float(chars[source])
+    report = {
+        "stage": "collect", "fingerprint": fp, "rows_in": int(metrics["data/rows_in"]), "rows_out": total,
+        "quarantined": quarantined, "quarantined_by_reason": dict(sorted(kinds.items())), "dropped": {},
+        "sources": {s: {"in": rows[s] + lost[s], "out": rows[s], "chars": chars[s]}
+                    for s in sorted(rows.keys() | lost.keys())},
+        "unreadable_files": unreadable, "damaged_files": [d for r in results for d in r["damaged"]],
+        "skipped": dict(sorted(skipped.items())), "http": dict(fetch),
+        "inputs": [{"kind": r["kind"], "target": r["target"], "rows": r["rows"], "quarantined": r["quarantined"]}
+                   for r in results],
+        "metrics": metrics,
+    }
+    report_path = write_report(out, report)
     tracker.log_metrics(metrics)
-    return CollectResult(dataset=dataset, quarantine=quarantine_path, metrics=metrics)
+    return CollectResult(dataset=dataset, report=report_path, quarantine=quarantine_path, metrics=metrics)
