@@ -91,7 +91,9 @@ class Target:
 
 
 def is_url(text: str) -> bool:
-    """>>> is_url("https://example.org/a"), is_url("urls.txt"), is_url("ftp://x/y")
+    """Whether an entry of `urls` is a URL (else it is a file listing URLs).
+
+    >>> is_url("https://example.org/a"), is_url("urls.txt"), is_url("ftp://x/y")
     (True, False, False)
     """
     parts = urlsplit(text.strip())

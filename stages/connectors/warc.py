@@ -32,7 +32,9 @@ READ_ERRORS = (ArchiveLoadFailed, EOFError, zlib.error, OSError, ValueError)
 
 
 def warc_stem(path: str | Path) -> str:
-    """>>> warc_stem("crawl/CC-MAIN-0001.warc.gz")
+    """The name a WARC file's records are known by.
+
+    >>> warc_stem("crawl/CC-MAIN-0001.warc.gz")
     'CC-MAIN-0001'
     """
     name = Path(path).name
@@ -84,7 +86,7 @@ def warc_records(path: Path, q: QuarantineLog, max_doc_bytes: int = DEFAULT_MAX_
             except READ_ERRORS as e:
                 reached = it.offset  # start of the record the reader could not make sense of
                 bad_record(q, file=path, kind="unreadable WARC record", source=source, offset=reached,
-                           detail=f"{type(e).__name__}: {e}")
+                           detail=f"{type(e).__name__}: {str(e)[:120]!r}")  # the message quotes raw bytes
                 start = _next_record_start(f, reached, gz)
                 if start is None and kept == 0:
                     bad_file(q, file=path, kind="unreadable file", source=source, offset=0,
