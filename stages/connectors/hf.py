@@ -71,6 +71,11 @@ def hf_records(entry: str, q: QuarantineLog, fields: FieldMap = FieldMap(),
         try:
             for rec in _rows(ds, hub):
                 row += 1
+                if row == 1 and columns is None and isinstance(rec, dict) and fields.text not in rec:
+                    # A Hub stream has no schema up front: its first row stands for the split.
+                    bad_file(q, file=where_file, kind="missing text column", source=source, columns=list(rec),
+                             detail=f"no column {fields.text!r}; the dataset's columns are {', '.join(rec)}")
+                    break
                 text = rec.get(fields.text)
                 if isinstance(text, str) and too_long(text, max_doc_bytes):
                     bad_record(q, file=where_file, kind="document too large", source=source, line=row, row=row,

@@ -353,11 +353,14 @@ class Server:
                 pass
 
             def send(self, status: int, body: bytes, ctype: str = "text/html; charset=utf-8") -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", ctype)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (the slow URL's timeout): that is the point
 
             def do_GET(self) -> None:
                 with lock:
