@@ -44,7 +44,7 @@ from stages.tracking import NullTracker, Tracker
 
 BUILTIN_SOURCES = ("stdlib-docstrings", "stdlib-topics", "arithmetic")
 # Connector sources carry the user's folder or file name after the prefix.
-OPEN_SOURCE_PREFIXES = ("folder:", "file:")
+OPEN_SOURCE_PREFIXES = ("folder:", "file:", "warc:", "http:", "hf:")
 SUITE_NAME = "flywheel_text_dataset"
 # A median under 5 characters or over 20k means the text field holds ids or whole files, not documents.
 DEFAULT_LENGTH_QUANTILES = {"p05": (1, None), "p50": (5, 20_000), "p95": (None, 50_000)}
@@ -63,8 +63,9 @@ class ValidateConfig:
     min_rows: int = 100
     min_chars: int = 1
     max_chars: int = 100_000  # the longest stdlib help topic is about 63k characters
-    known_sources: tuple[str, ...] = BUILTIN_SOURCES  # plus any "folder:..." or "file:..."
+    known_sources: tuple[str, ...] = BUILTIN_SOURCES  # plus any "folder:", "file:", "warc:", "http:", "hf:" one
     # "pNN" -> (min, max) characters of that quantile of text length; None leaves a side open.
+    # Setting it replaces the whole default set (give every quantile you want checked).
     length_quantiles: dict[str, tuple[float | None, float | None]] = field(
         default_factory=lambda: dict(DEFAULT_LENGTH_QUANTILES))
     languages: tuple[str, ...] = ("en",)  # meta.language values that count as wanted

@@ -141,6 +141,12 @@ def test_mix_output_passes_the_gate_with_its_own_mixture(tmp_path: Path) -> None
     assert any(f.startswith("expect_column_sum_to_be_between(token_share[file:code])") for f in gate.failed)
 
 
+def test_every_connector_prefix_is_a_known_source(tmp_path: Path) -> None:
+    records = [doc(i, src) for i, src in enumerate(["warc:crawl", "http:urls", "hf:gsm8k", "folder:x", "file:y"])]
+    assert check(tmp_path, records + [doc(9, "scraped")], min_rows=1).failed == (
+        "expect_column_values_to_match_regex(source): 1 unexpected values",)
+
+
 def test_data_docs_can_be_turned_off_and_config_errors_name_the_field(tmp_path: Path) -> None:
     result = check(tmp_path, good_records()[:150], data_docs=False)
     assert result.data_docs is None and not (tmp_path / "out" / "data_docs").exists()
