@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -99,6 +100,10 @@ def test_parquet_eval_file_with_a_list_field(tmp_path):
     assert rows["q"]["item"] == 1 and rows["q"]["eval_id"] == "mmlu:1"
     counts = json.loads(res.report.read_text())["eval_sets"][str(eval_file)]
     assert counts["whole_texts"] == 1 and counts["skipped_short"] == 3  # "Paris", the code, the waste
+    with ProcessPoolExecutor(2) as pool:  # the per-shard work as separate processes: same result
+        pooled = decontaminate.run(DecontaminateConfig(input_dir=tmp_path / "in", output_dir=tmp_path / "pool",
+                                                       eval_files=(eval_file,), builtin_tasks=False), mapper=pool.map)
+    assert pooled.contaminated.read_text() == res.contaminated.read_text()
 
 
 def test_arithmetic_test_split_is_kept_and_a_train_text_embedding_it_removed(tmp_path):

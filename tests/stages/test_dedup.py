@@ -126,6 +126,10 @@ def test_mapper_contract_process_pool_equals_map(tmp_path):
     for a, b in zip(local, remote, strict=True):
         assert a.signatures.dtype == np.uint32 and a.signatures.shape == (100, 128)
         assert np.array_equal(a.signatures, b.signatures) and np.array_equal(a.exact, b.exact)
+    cfg = DedupConfig(input_dir=tmp_path / "in", output_dir=tmp_path / "a")
+    with ProcessPoolExecutor(2) as pool:
+        pooled = dedup.run(DedupConfig(input_dir=tmp_path / "in", output_dir=tmp_path / "b"), mapper=pool.map)
+    assert kept_ids(dedup.run(cfg)) == kept_ids(pooled)
 
 
 def test_unchanged_rerun_is_a_no_op_and_a_changed_config_is_not(tmp_path):
