@@ -46,7 +46,7 @@ from stages.validate import raise_for_failures
 
 EXPERIMENT = "flywheel"
 DATASET_NAME = "clean"  # data/<name>: the validated corpus every later phase trains on
-DATA_STAGES = ("collect", "clean")  # dedup, decontaminate, mix join as they land
+DATA_STAGES = ("collect", "clean", "dedup", "decontaminate", "mix")
 # data/<name> of each data stage's output (the mix becomes DATASET_NAME once validated)
 STAGE_VERSIONS = {"collect": "raw", "clean": "filtered", "dedup": "deduped", "decontaminate": "decontaminated"}
 REJECTION_DATA = "rejection-sft"  # data/<name>: the SFT data rejection sampling writes, one DVC version per run
@@ -127,7 +127,10 @@ def data_flow(cfg: LifecycleConfig, ctx: RunContext) -> data_versions.DataVersio
         wiring = {} if dataset is None else {"input_dir": dataset}
         result, _ = run_stage(name, cfg.build(name, output_dir=ctx.out(name), **wiring), ctx)
         dataset = version_dataset(result.dataset, STAGE_VERSIONS[name]).path if name in STAGE_VERSIONS else result.dataset
-    validation, _ = run_stage("validate", cfg.build("validate", dataset=dataset, output_dir=ctx.out("validate")), ctx)
+    checks = {"dataset": dataset, "output_dir": ctx.out("validate")}
+    if result.expected_mixture and "expected_mixture" not in cfg.sections.get("validate", {}):
+        checks["expected_mixture"] = result.expected_mixture  # the shares the mix sampled to, checked by GX
+    validation, _ = run_stage("validate", cfg.build("validate", **checks), ctx)
     datasets.publish_report(ctx.mlflow_uri, ctx.parent_run_id, {n: ctx.out(n) for n in (*DATA_STAGES, "validate")},
                         ctx.out("data-report"))
     raise_for_failures(validation, dataset)  # stops the lifecycle before the tokenizer

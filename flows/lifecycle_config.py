@@ -18,9 +18,12 @@ from stages.base_model import BaseModelConfig
 from stages.clean import CleanConfig
 from stages.collect import CollectConfig
 from stages.config import ConfigError, deep_merge, from_dict, load_preset, parse_overrides
+from stages.decontaminate import DecontaminateConfig
+from stages.dedup import DedupConfig
 from stages.dpo import DPOConfig
 from stages.evaluate import EvaluateConfig
 from stages.grpo import GRPOConfig
+from stages.mix import MixConfig
 from stages.model import ModelConfig
 from stages.ppo import PPOConfig
 from stages.pretrain import PretrainConfig
@@ -158,6 +161,9 @@ class ScheduleConfig:
 SECTIONS: dict[str, tuple[type, frozenset[str]]] = {
     "collect": (CollectConfig, frozenset({"output_dir"})),
     "clean": (CleanConfig, frozenset({"input_dir", "output_dir"})),
+    "dedup": (DedupConfig, frozenset({"input_dir", "output_dir"})),
+    "decontaminate": (DecontaminateConfig, frozenset({"input_dir", "output_dir"})),
+    "mix": (MixConfig, frozenset({"input_dir", "output_dir"})),
     "validate": (ValidateConfig, frozenset({"dataset", "output_dir"})),
     "tokenizer": (TokenizerConfig, frozenset({"dataset", "output_dir"})),
     "model": (ModelConfig, frozenset()),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -136,9 +137,24 @@ def meta_of(row: Any) -> dict[str, Any]:
     return json.loads(row["meta"]) if row["meta"] else {}
 
 
+EPOCH_SUFFIX = re.compile(r"#epoch\d+$")  # what the mix appends to a repeated document's id
+
+
+def base_id(record_id: str) -> str:
+    """The id a repeated copy was made from: "doc#epoch2" -> "doc".
+
+    >>> base_id("stdlib:json:loads#epoch3"), base_id("file:web:17")
+    ('stdlib:json:loads', 'file:web:17')
+    """
+    return EPOCH_SUFFIX.sub("", record_id)
+
+
 def is_heldout(record_id: str, fraction: float) -> bool:
-    """Stable train/held-out split by id (same answer in every process and every run)."""
-    digest = hashlib.blake2b(record_id.encode(), digest_size=8).digest()
+    """Stable train/held-out split by id (same answer in every process and every run).
+
+    Copies the mix made of a document fall on the same side as the document, or they would leak.
+    """
+    digest = hashlib.blake2b(base_id(record_id).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64 < fraction
 
 

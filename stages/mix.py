@@ -51,8 +51,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages.config import to_dict
-from stages.dataset import (SCHEMA, QuarantineLog, atomic_dir, commit_dir, dataset_shards, finished_report,
-                            fingerprint, write_atomically, write_report)
+from stages.dataset import (EPOCH_SUFFIX, SCHEMA, QuarantineLog, atomic_dir, base_id, commit_dir, dataset_shards,
+                            finished_report, fingerprint, write_atomically, write_report)
 from stages.tracking import NullTracker, Tracker
 
 # LLaMA (Touvron et al. 2023, table 1): share of the training tokens and epochs trained per source.
@@ -62,7 +62,6 @@ LLAMA_EPOCHS = {"*:web": 1.10, "*:c4": 1.06, "*:code": 0.64, "*:wikipedia": 2.45
                 "*:arxiv": 1.06, "*:qa": 1.03}
 
 HASH_BINS = 4096  # resolution of the kept fraction: a source's budget is met to 1/4096 of its tokens
-EPOCH_SUFFIX = re.compile(r"#epoch\d+$")
 BATCH_ROWS = 8192
 
 
@@ -139,11 +138,6 @@ def copy_id(record_id: str, epoch: int) -> str:
     ('a', 'a#epoch3', 'a')
     """
     return record_id if epoch == 1 else f"{record_id}#epoch{epoch}"
-
-
-def base_id(record_id: str) -> str:
-    """The id a repeated copy was made from (a held-out split by id must use this, or copies leak)."""
-    return EPOCH_SUFFIX.sub("", record_id)
 
 
 def match_key(source: str, patterns: Iterable[str]) -> str | None:

@@ -39,7 +39,8 @@ import pandas as pd
 
 from stages.config import to_dict
 from stages.dataset import atomic_dir, commit_dir, read_dataset
-from stages.mix import EPOCH_SUFFIX, estimate_tokens, is_protected, match_key, metric_name
+from stages.dataset import EPOCH_SUFFIX
+from stages.mix import estimate_tokens, is_protected, match_key, metric_name
 from stages.tracking import NullTracker, Tracker
 
 BUILTIN_SOURCES = ("stdlib-docstrings", "stdlib-topics", "arithmetic")
