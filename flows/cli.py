@@ -507,7 +507,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     apply_offline_env()
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    # `flywheel stage NAME --local k=v`: argparse gives the overrides up once an option follows NAME.
+    if extra and args.command == "stage" and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     from stages.config import ConfigError
 
     try:
