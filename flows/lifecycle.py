@@ -112,6 +112,25 @@ def version_dataset(dataset: Path, name: str = DATASET_NAME) -> data_versions.Da
     return data_versions.version_dataset(s.repo_root, dataset, name, s.dvc_remote)
 
 
+def _data_defaults(cfg: LifecycleConfig, name: str) -> dict[str, Any]:
+    """What the lifecycle adds to a data stage's own config: a fetch cache shared by runs (each run has a
+    new folder, and a re-run must not fetch every URL again), and decontamination against every
+    evaluation file the evaluate section names, besides the decontaminate section's own."""
+    section = cfg.sections.get(name, {})
+    if name == "collect":
+        return {"http": {"cache_dir": str(load_settings().home / "http-cache"), **(section.get("http") or {})}}
+    if name == "decontaminate":
+        evaluate = cfg.sections.get("evaluate", {})
+        files = [*_as_list(section.get("eval_files")), *_as_list(evaluate.get("gsm8k_files")),
+                 *_as_list(evaluate.get("mmlu_files"))]
+        return {"eval_files": tuple(dict.fromkeys(str(f) for f in files))}
+    return {}
+
+
+def _as_list(value: Any) -> list[Any]:
+    return [] if not value else [value] if isinstance(value, str | Path) else list(value)
+
+
 @flow(name="data", validate_parameters=False)
 def data_flow(cfg: LifecycleConfig, ctx: RunContext) -> data_versions.DataVersion:
     """collect -> clean -> dedup -> decontaminate -> mix -> validate (the gate) -> data/clean.
@@ -125,7 +144,7 @@ def data_flow(cfg: LifecycleConfig, ctx: RunContext) -> data_versions.DataVersio
     dataset: Path | None = None
     for name in DATA_STAGES:
         wiring = {} if dataset is None else {"input_dir": dataset}
-        result, _ = run_stage(name, cfg.build(name, output_dir=ctx.out(name), **wiring), ctx)
+        result, _ = run_stage(name, cfg.build(name, output_dir=ctx.out(name), **wiring, **_data_defaults(cfg, name)), ctx)
         dataset = version_dataset(result.dataset, STAGE_VERSIONS[name]).path if name in STAGE_VERSIONS else result.dataset
     checks = {"dataset": dataset, "output_dir": ctx.out("validate")}
     if result.expected_mixture and "expected_mixture" not in cfg.sections.get("validate", {}):

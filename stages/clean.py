@@ -306,10 +306,11 @@ def clean_shard(task: ShardTask) -> ShardStats:
     columns: dict[str, list[str]] = {c: [] for c in SCHEMA.names}
     for rid, text, source, url, meta, f, lang in kept:
         meta = _meta(meta)
-        if lang is None:
+        if lang is None and f.language.record:
             lang = identify(text, f.language.max_chars)
-        meta["language"], meta["language_score"] = lang
-        stats.languages[lang[0]] = stats.languages.get(lang[0], 0) + 1
+        if lang is not None:
+            meta["language"], meta["language_score"] = lang
+            stats.languages[lang[0]] = stats.languages.get(lang[0], 0) + 1
         if f.pii.enabled:
             text, counts = f.pii(text)
             if counts:

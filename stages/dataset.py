@@ -73,27 +73,37 @@ def write_jsonl(rows: list[dict[str, Any]], path: Path) -> Path:
     return write_atomically(path, write)
 
 
-def write_dataset(records: Iterable[dict[str, Any]], out_dir: Path, shard_rows: int = 50_000) -> int:
-    """Write records (dicts with the four columns; `meta` may be a dict) atomically. Returns rows."""
+SHARD_BYTES = 64 << 20  # text per shard at most: a shard is what one worker holds in memory at once
+
+
+def write_dataset(records: Iterable[dict[str, Any]], out_dir: Path, shard_rows: int = 50_000,
+                  shard_bytes: int = SHARD_BYTES) -> int:
+    """Write records (dicts with the five columns; `meta` may be a dict) atomically. Returns rows.
+
+    A shard closes at `shard_rows` rows or `shard_bytes` of text, whichever comes first, so memory
+    here and in every stage that reads a shard at a time is bounded whatever the documents' sizes.
+    """
     tmp = atomic_dir(out_dir)
     batch: list[dict[str, Any]] = []
-    shard = rows = 0
+    shard = rows = size = 0
 
     def flush() -> None:
-        nonlocal shard, batch
+        nonlocal shard, batch, size
         table = pa.Table.from_pylist(batch, schema=SCHEMA)
         pq.write_table(table, tmp / f"part-{shard:05d}.parquet")
         shard += 1
-        batch = []
+        batch, size = [], 0
 
     for rec in records:
         meta = rec.get("meta") or {}
+        text = rec["text"]
         batch.append({
-            "id": str(rec["id"]), "text": rec["text"], "source": rec["source"], "url": rec.get("url") or "",
+            "id": str(rec["id"]), "text": text, "source": rec["source"], "url": rec.get("url") or "",
             "meta": meta if isinstance(meta, str) else json.dumps(meta, sort_keys=True),
         })
         rows += 1
-        if len(batch) >= shard_rows:
+        size += len(text) if isinstance(text, str) else 0
+        if len(batch) >= shard_rows or size >= shard_bytes:
             flush()
     if batch or shard == 0:
         flush()

@@ -44,7 +44,9 @@ def identify(text: str, max_chars: int = 2000) -> tuple[str, float]:
 @dataclass(frozen=True, kw_only=True)
 class LanguageConfig:
     NAME: ClassVar[str] = "language"
-    enabled: bool = True  # drop documents outside keep_languages; identification itself always runs
+    enabled: bool = True  # drop documents outside keep_languages
+    record: bool = True  # identify every kept row's language (meta.language) even where the filter is off:
+    #                      the data report and the GX gate read the language share from it
     keep_languages: tuple[str, ...] = ("en",)
     min_confidence: float = 0.5
     max_chars: int = 2000  # characters read per document (0 = all)

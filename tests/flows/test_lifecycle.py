@@ -103,6 +103,37 @@ def test_first_run_registers_a_loadable_champion_with_lineage(first_run, workspa
     assert tags["rejection.dvc_md5"] == rejection_dvc["outs"][0]["md5"]
 
 
+def test_every_data_version_is_a_run_input_and_a_fresh_clone_checks_out_the_champions_data(
+        first_run, workspace, tmp_path, capsys, monkeypatch):
+    client, champion = first_run
+    md5 = champion.tags["data.dvc_md5"]
+    inputs = {d.dataset.name: d.dataset.digest
+              for d in client.get_run(champion.tags["pretrain.run_id"]).inputs.dataset_inputs}
+    assert inputs == {"data/clean": md5}  # the MLflow UI's Dataset column: what pretraining read
+    names = {r.info.run_name: {d.dataset.name for d in r.inputs.dataset_inputs}
+             for r in client.search_runs([client.get_experiment_by_name("flywheel").experiment_id],
+                                         filter_string=f"tags.`lifecycle.run_id` = '{champion.tags['lifecycle.run_id']}'")}
+    assert names["clean"] == {"data/raw"} and names["dedup"] == {"data/filtered"} and names["mix"] == {"data/decontaminated"}
+    parent = champion.tags["lifecycle.run_id"]
+    shown = {a.path for a in client.list_artifacts(parent, "data")}
+    assert {"data/data_report.png", "data/data_docs"} <= shown
+
+    assert cli.main(["data", "list"]) == 0
+    listed = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert ["data/clean", md5, "yes"] in [row[:3] for row in listed]
+
+    fresh = tmp_path / "fresh-clone"
+    subprocess.run(["git", "init", "-q", str(fresh)], check=True)
+    monkeypatch.setenv("FLYWHEEL_REPO", str(fresh))
+    assert cli.main(["data", "checkout", "--model", f"{MODEL}@champion"]) == 0
+    assert f"data/clean: md5 {md5}" in capsys.readouterr().out
+    restored = sorted(p.relative_to(fresh / "data" / "clean") for p in (fresh / "data" / "clean").rglob("*.parquet"))
+    original = sorted(p.relative_to(workspace / "data" / "clean") for p in (workspace / "data" / "clean").rglob("*.parquet"))
+    assert restored == original and restored
+    assert all((fresh / "data" / "clean" / p).read_bytes() == (workspace / "data" / "clean" / p).read_bytes()
+               for p in restored)
+
+
 def test_evaluate_any_version_on_any_tasks(first_run, capsys):
     client, champion = first_run
     args = ["evaluate", "--version", str(champion.version), "evaluate.tasks=[heldout,arithmetic_mc]",
