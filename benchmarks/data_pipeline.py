@@ -199,7 +199,7 @@ def run_ours(work: Path, out: Path, ray_cpus: int | None) -> dict[str, Any]:
     t = time.perf_counter()
     k = clean.run(clean.CleanConfig(
         input_dir=c.dataset, output_dir=out / "clean", builtin_per_source=False,
-        language=clean.LanguageConfig(**off), gopher_repetition=clean.GopherRepetitionConfig(**off),
+        language=clean.LanguageConfig(enabled=False, record=False), gopher_repetition=clean.GopherRepetitionConfig(**off),
         c4=clean.C4Config(**off), fineweb=clean.FineWebConfig(**off), toxicity=clean.ToxicityConfig(**off),
         pii=clean.PIIConfig(**off)), mapper=mapper)
     stage_s["clean"] = time.perf_counter() - t
