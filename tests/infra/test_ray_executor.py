@@ -1,0 +1,95 @@
+"""The Ray executor: the result and the final checkpoint come back through Ray Train's storage.
+
+On a cluster the driver sees neither the workers' disks nor their output_dir, so the test keeps Ray's
+storage path apart from the driver's working directory and the stage's output_dir, and checks the
+driver's copy of the checkpoint is the one Ray stored, also when it has to be copied back.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from infra import ray_executor
+from infra.ray_executor import RayConfig, check_world_size, run_distributed
+from stages import collect, tokenizer
+from stages.collect import CollectConfig
+from stages.config import ConfigError
+from stages.model import ModelConfig
+from stages.pretrain import PretrainConfig
+from stages.tokenizer import TokenizerConfig
+from stages.train_loop import TrainConfig
+
+TINY = ModelConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128, max_seq_len=64)
+
+
+def pretrain_cfg(output_dir: Path, dataset: Path = Path("/nonexistent"), tok: Path = Path("/nonexistent"),
+                 batch_size: int = 4) -> PretrainConfig:
+    return PretrainConfig(dataset=dataset, tokenizer=tok, output_dir=output_dir, model=TINY, seq_len=32,
+                          batch_size=batch_size, eval_windows=4,
+                          train=TrainConfig(max_steps=4, lr=3e-3, warmup_steps=1, checkpoint_every=2,
+                                            log_every=1, progress=False))
+
+
+def weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(hf_dir / "model.safetensors")
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_batch_smaller_than_world_is_refused_before_any_worker_starts(tmp_path: Path) -> None:
+    ray_was_up = ray.is_initialized()
+    with pytest.raises(ConfigError, match=r"pretrain\.batch_size=1 .* ray\.num_workers=2"):
+        run_distributed("pretrain", pretrain_cfg(tmp_path / "out", batch_size=1), ray_cfg=RayConfig(num_workers=2))
+    assert ray.is_initialized() == ray_was_up  # no Ray started for a config that cannot run
+    assert not (tmp_path / "out").exists()
+    # One row per rank is enough, and an uneven split is weighted by the loop, not refused.
+    for batch in (2, 3):
+        check_world_size(pretrain_cfg(tmp_path, batch_size=batch), RayConfig(num_workers=2))
+
+
+@pytest.mark.slow
+def test_result_and_checkpoint_come_back_through_ray_storage(tmp_path: Path, monkeypatch) -> None:
+    corpus = collect.run(CollectConfig(output_dir=tmp_path / "collect", max_builtin_chars=40_000,
+                                       arithmetic_problems=50)).dataset
+    tok = tokenizer.run(TokenizerConfig(dataset=corpus, output_dir=tmp_path / "tok", vocab_size=512)).tokenizer_dir
+    storage, out, cwd = tmp_path / "ray-storage", tmp_path / "runs" / "r1" / "pretrain", tmp_path / "driver-cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("FLYWHEEL_RAY_STORAGE", str(storage))
+    cfg = pretrain_cfg(out, corpus, tok)
+    try:
+        ray_executor.ensure_ray(num_cpus=2)
+        result = run_distributed("pretrain", cfg, ray_cfg=RayConfig(num_workers=2))
+    finally:
+        ray_executor.shutdown()
+
+    assert result.checkpoint == out / "final"
+    assert torch.isfinite(torch.tensor(result.metrics["train/loss"]))
+    assert result.metrics["time/stage_s"] > 0
+    model = AutoModelForCausalLM.from_pretrained(result.checkpoint)
+    assert model.config.hidden_size == 64
+    # Ray's storage holds the one reported checkpoint: the stage's result and its final HF checkpoint.
+    stored = list(storage.glob(f"pretrain-r1-pretrain/checkpoint_*/{ray_executor.HF_DIR}"))
+    assert len(stored) == 1, list(storage.rglob("*"))
+    assert (stored[0].parent / ray_executor.RESULT_FILE).exists()
+    assert_same_weights(result.checkpoint, stored[0])
+    assert not list(out.glob(".ray-report-*")) and not list(cwd.iterdir())
+
+    # A driver on another node has no output_dir/final: it is copied in from Ray's storage.
+    shutil.rmtree(out)
+    again = ray_executor._result_from(ray.train.Checkpoint.from_directory(str(stored[0].parent)), out)
+    assert again.checkpoint == out / "final" and again.metrics == result.metrics
+    assert_same_weights(again.checkpoint, stored[0])
+    AutoModelForCausalLM.from_pretrained(again.checkpoint)
