@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from stages import planner
 from stages.config import from_dict, load_preset
 from stages.model import ModelConfig, build_model, count_parameters
 from stages.tokenizer import train_tokenizer
@@ -27,7 +28,7 @@ from stages.train_loop import PEAK_FLOPS, TrainConfig, train
 
 
 def flops_per_token(model, cfg: ModelConfig, seq_len: int) -> float:
-    return 6 * count_parameters(model) + 12 * cfg.num_layers * cfg.hidden_size * seq_len
+    return planner.flops_per_token(count_parameters(model), cfg.num_layers, cfg.hidden_size, seq_len)
 
 
 def bare_loop(model, batches, steps: int, warmup: int) -> list[float]:

@@ -16,6 +16,7 @@
     flywheel feedback [--preset tiny] [section.key=value ...]  export -> DPO from the champion -> gate -> serve
     flywheel deploy [--preset tiny] [section.key=value ...]  Prefect deployments and schedules (the worker runs them)
     flywheel worker [--port P]                               run deployments' flow runs (what services start)
+    flywheel plan --params 124M --gpus 8 --gpu h100 [--mfu 0.4]  compute-optimal tokens, FLOPs, wall time, memory/GPU
     flywheel data list|checkout MD5 [--name N]|checkout --model NAME@ALIAS
                                                              dataset versions: list them, bring any back from the remote
 """
@@ -502,6 +503,7 @@ def parser() -> argparse.ArgumentParser:
     chk.add_argument("--model", default=None, metavar="NAME@ALIAS",
                      help="every dataset in a registered version's lineage, e.g. flywheel-chat@champion or flywheel-chat@3")
     dat.set_defaults(fn=_delegate("flows.datasets", "cmd_data"))
+    importlib.import_module("flows.plan").add_parser(sub)
     return p
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from infra.ray_executor import RayConfig
+from infra.ray_executor import RayConfig, check_world_size
 from registry.gate import GateSpec
 from stages.base_model import BaseModelConfig
 from stages.clean import CleanConfig
@@ -216,6 +216,9 @@ class LifecycleConfig:
                 if key not in settable:
                     raise ConfigError(f"unknown config key {name}.{key} (valid keys of {name}: {', '.join(settable)})")
             self.build(name, **{k: _PLACEHOLDER for k in provided if k not in ("model", "lineage")})
+        if self.build("align").base_model is None:  # pretraining runs on Ray: every rank needs rows
+            check_world_size(self.build("pretrain", dataset=_PLACEHOLDER, tokenizer=_PLACEHOLDER,
+                                        output_dir=_PLACEHOLDER), self.build("ray"))
 
     def build(self, name: str, **wiring: Any) -> Any:
         """The section's dataclass, with the flow's paths (and, for pretraining, the model section)."""

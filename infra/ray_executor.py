@@ -79,8 +79,7 @@ def check_world_size(cfg: Any, ray_cfg: RayConfig, section: str = "pretrain") ->
 def storage_path(settings: Settings) -> str:
     """Where Ray Train keeps reported checkpoints: a string, since it may be a URI (s3://...).
     On a multi-node cluster it must be storage every node and the driver reach."""
-    # TODO(settings): belongs in infra.settings.Settings as `ray_storage`.
-    return os.environ.get("FLYWHEEL_RAY_STORAGE") or str(settings.home / "ray-results")
+    return settings.ray_storage
 
 
 def ensure_ray(settings: Settings | None = None, num_cpus: int | None = None) -> None:

@@ -2,7 +2,9 @@
 
 Scale-out is a matter of settings: `PREFECT_API_URL`, `MLFLOW_TRACKING_URI`, `RAY_ADDRESS` point at
 real servers/clusters; `FLYWHEEL_HOME` moves the state root; `FLYWHEEL_DVC_REMOTE` names a DVC
-remote URL (default: a directory under the state root); `SERVING_URL` is the OpenAI base URL of
+remote URL (default: a directory under the state root); `FLYWHEEL_RAY_STORAGE` is where Ray Train keeps
+reported checkpoints (storage every node reaches: a shared filesystem or `s3://...`; default under the
+state root); `SERVING_URL` is the OpenAI base URL of
 serving that runs elsewhere; `FLYWHEEL_BIND_HOST` is the address the page and the router listen on.
 """
 
@@ -59,6 +61,10 @@ class Settings:
     def locks_dir(self) -> Path:
         # Cross-process locks (fcntl) of flywheel processes sharing this state root.
         return self.home / "locks"
+
+    @property
+    def ray_storage(self) -> str:
+        return os.environ.get("FLYWHEEL_RAY_STORAGE") or str(self.home / "ray-results")
 
     @property
     def dvc_remote(self) -> str:

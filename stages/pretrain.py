@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from stages import checkpoint as ckpt
+from stages import planner
 from stages.config import to_dict
 from stages.dataset import is_heldout, read_dataset, write_atomically
 from stages.model import ModelConfig, build_model, count_parameters
@@ -131,8 +132,8 @@ def run(cfg: PretrainConfig, tracker: Tracker | None = None) -> PretrainResult:
 
     model = build_model(cfg.model, tokenizer, seed=cfg.train.seed)
     n_params = count_parameters(model)
-    # 6N per token for the dense matmuls plus the attention score/value products.
-    flops_per_token = 6 * n_params + 12 * cfg.model.num_layers * cfg.model.hidden_size * cfg.seq_len
+    # 6N per token for the dense matmuls plus the attention score/value products (the planner's count).
+    flops_per_token = planner.flops_per_token(n_params, cfg.model.num_layers, cfg.model.hidden_size, cfg.seq_len)
     if rank == 0:
         tracker.log_params({"stage": "pretrain", **to_dict(cfg), "model/parameters": n_params,
                             "data/train_tokens": len(train_tokens), "world_size": world})

@@ -194,6 +194,8 @@ def test_prefect_recorded_the_flow_and_its_summary(first_run):
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["lifecycle-summary"])))
         assert artifacts and "Gate" in artifacts[0].data
+        data = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["data-report"])))
+        assert data and "| dedup |" in data[0].data and "Source mix" in data[0].data
         runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["lifecycle"])))
         assert any(r.state and r.state.is_completed() for r in runs)
         phases = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["pretrain", "align", "promote"])))

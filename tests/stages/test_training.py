@@ -382,6 +382,10 @@ def test_lifecycle_config_rejects_typos_and_wiring_keys() -> None:
         LifecycleConfig.load("tiny", ["sft.policy=/somewhere"])
     with pytest.raises(ConfigError, match="unknown preset 'nope'"):
         LifecycleConfig.load("nope")
+    # A global batch smaller than the world leaves a rank without rows (it would hang in all-reduce).
+    with pytest.raises(ConfigError, match=r"pretrain\.batch_size=1 is smaller than ray\.num_workers=2"):
+        LifecycleConfig.load("tiny", ["pretrain.batch_size=1", "ray.num_workers=2"])
+    assert LifecycleConfig.load("tiny", ["pretrain.batch_size=1", "ray.num_workers=1"])
 
 
 def test_model_config_refuses_head_dim_below_32() -> None:
