@@ -11,7 +11,20 @@
   the whole batch's token mean (the loss must be its micro-batch's token mean). Without it, rows weight.
 - Distributed data parallel comes for free when `torch.distributed` is initialised (Ray Train does
   that for the pretraining workers): the model is wrapped in DDP and each rank takes its slice of
-  every batch. Rank 0 alone logs, shows progress and writes checkpoints.
+  every batch. Every rank sees the whole global batch, so each weights its micro-batches by their
+  share of the *global* batch's tokens and DDP's gradient mean is the global token mean, however
+  unevenly the tokens fall. The logged loss and metrics are summed over ranks (each rank holds its
+  token share of them), so they are the global batch's, not rank 0's shard. Rank 0 alone logs,
+  shows progress and writes checkpoints.
+- Numerical faults are caught before the update: a non-finite loss or gradient norm, or (with
+  `spike_factor`) a loss above `spike_factor` x the median of the recent good steps' losses, either
+  stops the run (`on_fault=stop`: `TrainingFault` names the step and the reason; no checkpoint is
+  written after it, so the newest one on disk is the last good state) or skips the batch
+  (`on_fault=skip`: no optimizer update, counted as `train/skipped_batches`, the reason in the
+  `faults` field of metrics.jsonl). A skipped step still consumes its batch and its slot in the LR
+  schedule: data and LR stay functions of the step number, so a resumed run meets the same fault
+  at the same step and stays exact, and the cosine still ends at `max_steps`. Under DDP the ranks
+  sum their fault flags before deciding, so all of them skip or stop together.
 - Checkpoints hold the model (HF format), the optimizer, the scheduler, the RNG states and the trainable
   parameters as the live module names them (so a LoRA adapter or a policy+value pair resumes without
   special code); a resumed run reproduces an uninterrupted one step for step. A stage whose `final/`
@@ -73,6 +86,10 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU (bf16 is slower on CPU)
     compile: str = "auto"  # auto: torch.compile on CUDA only (compile time dominates tiny CPU runs)
     progress: bool = True
+    on_fault: str = "stop"  # non-finite loss / grad norm or a loss spike: "stop" the run or "skip" the batch
+    spike_factor: float = 0.0  # > 1: a loss above spike_factor x the recent median is a fault; 0: off
+    spike_warmup: int = 20  # steps before spikes are looked for (early losses fall steeply)
+    spike_window: int = 50  # recent good steps whose median loss a spike is measured against
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -83,6 +100,22 @@ class TrainConfig:
             raise ValueError(f"train.compile must be auto, on or off, got {self.compile!r}")
         if self.grad_accum < 1 or self.checkpoint_every < 1:
             raise ValueError("train.grad_accum and train.checkpoint_every must be >= 1")
+        if self.on_fault not in ("stop", "skip"):
+            raise ValueError(f"train.on_fault must be stop or skip, got {self.on_fault!r}")
+        if not (self.spike_factor == 0 or self.spike_factor > 1):
+            # A factor <= 1 would call half of all healthy steps spikes.
+            raise ValueError(f"train.spike_factor must be 0 (off) or > 1, got {self.spike_factor}")
+        if self.spike_warmup < 0 or self.spike_window < 1:
+            raise ValueError(f"train.spike_warmup must be >= 0 and train.spike_window >= 1, got "
+                             f"{self.spike_warmup} and {self.spike_window}")
+
+
+class TrainingFault(FloatingPointError):
+    """A step whose loss or gradient could not be trusted, under `on_fault=stop`."""
+
+    def __init__(self, message: str, *, step: int, reason: str, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.step, self.reason, self.checkpoint = step, reason, checkpoint
 
 
 @dataclass
@@ -175,6 +208,46 @@ def micro_batch_weight(mb: Batch, global_batch: Batch, world: int) -> float:
     return next(iter(mb.values())).shape[0] * world / next(iter(global_batch.values())).shape[0]
 
 
+def fault_reason(loss: float, grad_norm: float, recent: list[float], step: int, cfg: TrainConfig) -> str | None:
+    """Why the update of (0-based) `step` must not be applied, or None; `recent` holds the losses of the
+    last good steps. A spike is measured only against a positive median: an RL loss hovers around 0.
+
+    >>> cfg = TrainConfig(spike_factor=3.0, spike_warmup=2)
+    >>> fault_reason(float("nan"), 1.0, [], 0, cfg)
+    'loss is nan'
+    >>> fault_reason(2.0, float("inf"), [], 0, cfg)
+    'grad norm is inf'
+    >>> fault_reason(9.0, 1.0, [2.0, 2.5, 3.0], 5, cfg)
+    'loss spike: 9 > 3 x 2.5, the median loss of the last 3 good steps'
+    >>> fault_reason(9.0, 1.0, [2.0, 2.5, 3.0], 1, cfg) is None  # still warming up
+    True
+    """
+    if not math.isfinite(loss):
+        return f"loss is {loss}"
+    if not math.isfinite(grad_norm):
+        return f"grad norm is {grad_norm}"
+    if cfg.spike_factor and step >= cfg.spike_warmup and recent:
+        median = float(np.median(recent))
+        if median > 0 and loss > cfg.spike_factor * median:
+            return (f"loss spike: {loss:.4g} > {cfg.spike_factor:g} x {median:.4g}, the median loss of the last "
+                    f"{len(recent)} good steps")
+    return None
+
+
+def _reduce_step(loss: float, metrics: dict[str, float], grad_norm: float, world: int,
+                 device: torch.device) -> tuple[float, dict[str, float], bool]:
+    """(global loss, global metrics, whether any rank saw a non-finite value). Each rank holds its token
+    share of the step's means, so their sum is the global batch's; one all-reduce carries it all."""
+    local_bad = not (math.isfinite(loss) and math.isfinite(grad_norm))
+    if world == 1:
+        return loss, metrics, local_bad
+    keys = sorted(metrics)  # the same order on every rank, whatever order each loss_fn built its dict in
+    packed = torch.tensor([loss, *(metrics[k] for k in keys), float(local_bad)], dtype=torch.float64, device=device)
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    values = packed.tolist()
+    return values[0], {**metrics, **dict(zip(keys, values[1:-1], strict=True))}, values[-1] > 0
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -248,6 +321,8 @@ def train(
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     start = 0
+    skipped = 0  # batches skipped for a fault, over the whole run (restored on resume)
+    recent: list[float] = []  # the last good steps' losses, for spike detection (restored on resume)
     resume_from = ckpt.latest_checkpoint(output_dir)
     if resume_from is not None:
         state = ckpt.load_trainer_state(resume_from)
@@ -256,6 +331,8 @@ def train(
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         start = state["step"]
+        skipped = int(state.get("skipped_batches", 0))
+        recent = list(state.get("recent_losses", []))
         if rank == 0:
             log.info("%s: resuming from %s (step %d)", desc, resume_from, start)
 
@@ -272,10 +349,16 @@ def train(
     bar = tqdm(total=cfg.max_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True,
                disable=rank != 0 or not cfg.progress, mininterval=1.0)
     # Logged values are means over the steps since the last log line, not one noisy step.
+    # Skipped steps stay out of the means (a NaN would poison the window) but not out of tokens/s.
     window_tokens, window_start, window_sums, window_steps = 0, time.perf_counter(), {}, 0
+    window_faults: list[dict[str, Any]] = []
     for step in range(start, cfg.max_steps):
         model.train()
         global_batch = batch_at(step)
+        rows = next(iter(global_batch.values())).shape[0]
+        if rows < world:
+            # A rank with no rows would skip backward and leave the others waiting in all-reduce forever.
+            raise ValueError(f"{desc}: step {step + 1}: a global batch of {rows} rows cannot feed {world} ranks")
         local = _slice(global_batch, rank, None, world) if world > 1 else global_batch
         n = next(iter(local.values())).shape[0]
         micro = max(1, math.ceil(n / cfg.grad_accum))
@@ -293,41 +376,58 @@ def train(
             total_loss += loss.item() * share
             for k, v in metrics.items():
                 step_metrics[k] = step_metrics.get(k, 0.0) + v * share
-            window_tokens += sum(int(v.numel()) for k, v in mb.items() if k.endswith("input_ids")) * world
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if not math.isfinite(total_loss):
-            raise FloatingPointError(f"{desc}: loss became {total_loss} at step {step + 1}")
-
+        window_tokens += sum(int(v.numel()) for k, v in global_batch.items() if k.endswith("input_ids"))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        total_loss, step_metrics, any_bad = _reduce_step(total_loss, step_metrics, grad_norm, world, device)
         done = step + 1
+        reason = fault_reason(total_loss, grad_norm, recent, step, cfg)
+        if reason is None and any_bad:  # another rank's shard went non-finite
+            reason = "a non-finite loss or grad norm on another rank"
+        if reason is not None and cfg.on_fault == "stop":
+            bar.close()
+            raise _stop(desc, done, reason, output_dir, rank)
+        if reason is None:
+            optimizer.step()
+            recent = [*recent, total_loss][-cfg.spike_window:]
+        else:
+            skipped += 1
+            window_faults.append(_fault(done, reason, "skip"))
+            if rank == 0:
+                log.warning("%s: step %d skipped, no update applied: %s", desc, done, reason)
+        scheduler.step()  # a skipped step keeps its LR slot: the schedule stays a function of the step
+        optimizer.zero_grad(set_to_none=True)
+
         bar.update(1)
-        window_steps += 1
-        for k, v in {"train/loss": total_loss, "train/grad_norm": float(grad_norm), **step_metrics}.items():
-            window_sums[k] = window_sums.get(k, 0.0) + v
+        if reason is None:
+            window_steps += 1
+            for k, v in {"train/loss": total_loss, "train/grad_norm": grad_norm, **step_metrics}.items():
+                window_sums[k] = window_sums.get(k, 0.0) + v
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             elapsed = time.perf_counter() - window_start
             tps = window_tokens / max(elapsed, 1e-9)
             last = {**{k: v / window_steps for k, v in window_sums.items()},
-                    "train/lr": scheduler.get_last_lr()[0], "train/tokens_per_s": tps}
+                    "train/lr": scheduler.get_last_lr()[0], "train/tokens_per_s": tps,
+                    "train/skipped_batches": float(skipped)}
             if peak and flops_per_token:
                 last["train/mfu"] = tps * flops_per_token / (peak * world)
+            faults, window_faults = window_faults, []
             window_tokens, window_start, window_sums, window_steps = 0, time.perf_counter(), {}, 0
             if evaluate is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
                 last.update(_run_eval(evaluate, raw_model))
             if rank == 0:
-                history.append({"step": done, **last})
-                with open(output_dir / METRICS_LOG, "a") as f:
-                    f.write(json.dumps({"step": done, **last}) + "\n")
+                row = {"step": done, **last, **({"faults": faults} if faults else {})}
+                history.append(row)
+                _append_metrics_row(output_dir, row)
                 tracker.log_metrics(last, step=done)
-                shown = {"loss": f"{last['train/loss']:.3f}", "tok_s": f"{tps:,.0f}"}
+                shown = {"loss": f"{last['train/loss']:.3f}" if "train/loss" in last else "skipped",
+                         "tok_s": f"{tps:,.0f}"}
                 if "rl/reward_mean" in last:  # an RL loss hovers near 0 by design; the reward is the news
                     shown["reward"] = f"{last['rl/reward_mean']:.3f}"
                 bar.set_postfix(shown)
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
             _save(ckpt.step_dir(output_dir, done), raw_model, tokenizer, {**meta, **(extra_meta() if extra_meta else {})},
-                  optimizer, scheduler, done, rank, world)
+                  optimizer, scheduler, done, rank, world,
+                  {"skipped_batches": skipped, "recent_losses": recent})
             if rank == 0:
                 ckpt.prune_checkpoints(output_dir, cfg.keep_checkpoints)
     bar.close()
@@ -365,10 +465,30 @@ def _run_eval(evaluate, model) -> dict[str, float]:
     return out
 
 
-def _save(path, model, tokenizer, meta, optimizer, scheduler, step, rank, world) -> None:
+def _fault(step: int, reason: str, action: str) -> dict[str, Any]:
+    return {"step": step, "reason": reason, "action": action}
+
+
+def _append_metrics_row(output_dir: Path, row: dict[str, Any]) -> None:
+    with open(output_dir / METRICS_LOG, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _stop(desc: str, step: int, reason: str, output_dir: Path, rank: int) -> TrainingFault:
+    """The error that ends a run at a fault; the metrics log gets the reason (a resume drops that row)."""
+    newest = ckpt.latest_checkpoint(output_dir)
+    message = (f"{desc}: step {step}: {reason}; stopped before its update (train.on_fault=stop), "
+               f"newest checkpoint: {newest if newest else 'none yet'}")
+    if rank == 0:
+        log.error("%s", message)
+        _append_metrics_row(output_dir, {"step": step, "faults": [_fault(step, reason, "stop")]})
+    return TrainingFault(message, step=step, reason=reason, checkpoint=newest)
+
+
+def _save(path, model, tokenizer, meta, optimizer, scheduler, step, rank, world, loop_state) -> None:
     if rank == 0:
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": _rng_state(), "step": step, "trainable": trainable_state(model)}
+                 "rng": _rng_state(), "step": step, "trainable": trainable_state(model), **loop_state}
         ckpt.save_checkpoint(path, model, tokenizer, {**meta, "step": step}, trainer_state=state)
     if world > 1:
         dist.barrier()
