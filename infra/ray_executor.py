@@ -37,6 +37,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from infra.settings import OFFLINE_ENV, Settings, load_settings
 from stages.config import ConfigError
 from stages.dataset import atomic_dir, commit_dir
+from stages.train_loop import TrainingFault
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +126,18 @@ def _worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
     module = importlib.import_module(f"stages.{config['stage']}")
     started = time.perf_counter()
-    result = module.run(config["cfg"], config["tracker"])
-    # The stage's own time, so that worker start-up and hand-back count as platform overhead.
-    result.metrics["time/stage_s"] = time.perf_counter() - started
-    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
+    try:
+        result = module.run(config["cfg"], config["tracker"])
+    except TrainingFault as fault:
+        # Deterministic: a restarted group would meet the same batch and fault again, so it is handed
+        # back like a result (every rank took the same decision) and raised on the driver, not retried.
+        result = fault
+    if isinstance(result, TrainingFault):
+        metrics = {}
+    else:
+        # The stage's own time, so that worker start-up and hand-back count as platform overhead.
+        result.metrics["time/stage_s"] = time.perf_counter() - started
+        metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
     if torch.distributed.get_rank() != 0:
         ray.train.report(metrics)  # report() is a barrier: every rank calls it, as often as rank 0
         return
@@ -136,7 +145,7 @@ def _worker(config: dict[str, Any]) -> None:
     # so it can go once report() returns.
     staging = Path(tempfile.mkdtemp(prefix=".ray-report-", dir=config["cfg"].output_dir))
     try:
-        hf = getattr(result, "checkpoint", None)
+        hf = None if isinstance(result, TrainingFault) else getattr(result, "checkpoint", None)
         if hf is not None:
             shutil.copytree(hf, staging / HF_DIR, copy_function=_link_or_copy)
         (staging / RESULT_FILE).write_bytes(pickle.dumps(result))
@@ -169,6 +178,8 @@ def _result_from(checkpoint: Checkpoint | None, output_dir: Path) -> Any:
         raise RuntimeError("the Ray run reported no checkpoint: rank 0 did not finish its hand-back")
     with checkpoint.as_directory() as d:
         result = pickle.loads((Path(d) / RESULT_FILE).read_bytes())
+        if isinstance(result, TrainingFault):
+            raise result
         hf = getattr(result, "checkpoint", None)
         if hf is None:
             return result

@@ -113,7 +113,9 @@ class TrainConfig:
 class TrainingFault(FloatingPointError):
     """A step whose loss or gradient could not be trusted, under `on_fault=stop`."""
 
-    def __init__(self, message: str, *, step: int, reason: str, checkpoint: Path | None) -> None:
+    # Defaults so that pickle (which rebuilds from the message, then restores the attributes) can
+    # carry it from a Ray worker to the driver.
+    def __init__(self, message: str, *, step: int = 0, reason: str = "", checkpoint: Path | None = None) -> None:
         super().__init__(message)
         self.step, self.reason, self.checkpoint = step, reason, checkpoint
 

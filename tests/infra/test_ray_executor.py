@@ -93,3 +93,20 @@ def test_result_and_checkpoint_come_back_through_ray_storage(tmp_path: Path, mon
     assert again.checkpoint == out / "final" and again.metrics == result.metrics
     assert_same_weights(again.checkpoint, stored[0])
     AutoModelForCausalLM.from_pretrained(again.checkpoint)
+
+
+def test_a_training_fault_comes_back_as_the_error_not_as_a_retry(tmp_path: Path) -> None:
+    """A NaN stop is deterministic: workers hand it back like a result, and the driver raises it as it was."""
+    import pickle
+
+    from ray.train import Checkpoint
+
+    from stages.train_loop import TrainingFault
+
+    (tmp_path / "ckpt").mkdir()
+    fault = TrainingFault("pretrain: step 4: loss is nan", step=4, reason="loss is nan",
+                          checkpoint=tmp_path / "step-000002")
+    (tmp_path / "ckpt" / ray_executor.RESULT_FILE).write_bytes(pickle.dumps(fault))
+    with pytest.raises(TrainingFault, match="step 4: loss is nan") as err:
+        ray_executor._result_from(Checkpoint.from_directory(str(tmp_path / "ckpt")), tmp_path / "out")
+    assert (err.value.step, err.value.reason, err.value.checkpoint) == (4, "loss is nan", tmp_path / "step-000002")
