@@ -21,13 +21,15 @@ A batch is a dict of int64 arrays with a leading batch dimension (`torch.from_nu
 document-causal attention mask is `causal & (seg[:, :, None] == seg[:, None, :])`), `position_ids`
 (restarting at 0 at each document start), and `window_index`.
 
-The permutation is held for one epoch at a time (8 bytes per window: 5 M windows, 40 MB, for 10 B
-tokens at seq_len 2048) and the document starts of the split for its life (8 bytes per document).
+Opening checks every shard's size and reads its document offsets (8 bytes per document, held for
+the reader's life); tokens are mapped on first read, at most MAX_MAPS shards at a time. The window
+permutation is held for one epoch at a time (8 bytes per window: 40 MB for 10 B tokens at 2048).
 """
 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from typing import Any
 import numpy as np
 
 INDEX = "index.json"
+MAX_MAPS = 256  # open shard maps per reader: thousands of shards must not exhaust the descriptor limit
 
 
 class ShardError(ValueError):
@@ -63,25 +66,25 @@ class TokenShards:
         self.vocab_size: int = self.index["vocab_size"]
         self.separator_id: int = self.index["separator_id"]
         self.tokenizer_hash: str = self.index["tokenizer_hash"]
-        self._tokens: list[np.ndarray] = []
+        self._shards: list[dict[str, Any]] = self.index["splits"][split]["shards"]
+        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
         starts = []
         offset = 0
         self._offsets = [0]
-        for shard in self.index["splits"][split]["shards"]:
-            tokens = self._map(shard)
-            docs = np.load(self.root / shard["docs"], mmap_mode="r")
+        for shard in self._shards:
+            self._check(shard)
+            docs = np.load(self.root / shard["docs"])
             if docs.shape != (shard["n_docs"],):
                 raise ShardError(f"{self.root / shard['docs']}: {docs.shape[0]} document offsets, "
                                  f"{INDEX} says {shard['n_docs']}")
-            self._tokens.append(tokens)
-            starts.append(np.asarray(docs, dtype=np.int64) + offset)
-            offset += tokens.size
+            starts.append(docs.astype(np.int64) + offset)
+            offset += shard["n_tokens"]
             self._offsets.append(offset)
         self.n_tokens = offset
         self.doc_starts = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int64)
         self._order: tuple[tuple[int, int, int], np.ndarray] | None = None
 
-    def _map(self, shard: dict[str, Any]) -> np.ndarray:
+    def _check(self, shard: dict[str, Any]) -> None:
         f = self.root / shard["file"]
         expected = shard["n_tokens"]
         if not f.is_file():
@@ -91,7 +94,18 @@ class TokenShards:
             what = "truncated" if size < expected * self.dtype.itemsize else "longer than its index says"
             raise ShardError(f"{f}: {what}: {INDEX} says {expected:,} tokens, the file holds "
                              f"{size / self.dtype.itemsize:,.1f} ({size:,} bytes of {self.dtype.name})")
-        return np.memmap(f, dtype=self.dtype, mode="r", shape=(expected,))
+
+    def _tokens(self, k: int) -> np.ndarray:
+        """Shard k's memory map; at most MAX_MAPS stay open (each holds a file descriptor)."""
+        if k in self._maps:
+            self._maps.move_to_end(k)
+        else:
+            shard = self._shards[k]
+            self._maps[k] = np.memmap(self.root / shard["file"], dtype=self.dtype, mode="r",
+                                      shape=(shard["n_tokens"],))
+            if len(self._maps) > MAX_MAPS:
+                self._maps.popitem(last=False)
+        return self._maps[k]
 
     def token_counts(self) -> np.ndarray:
         """Unigram counts of the training split (for the baseline perplexity), vocab_size long."""
@@ -109,7 +123,7 @@ class TokenShards:
         while start < stop:
             lo = self._offsets[k]
             hi = min(stop, self._offsets[k + 1])
-            parts.append(self._tokens[k][start - lo : hi - lo])
+            parts.append(self._tokens(k)[start - lo : hi - lo])
             start = hi
             k += 1
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import doctest
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from stages import tokenize
+from stages import token_shards, tokenize
 from stages.dataset import file_digest, is_heldout, read_dataset, write_dataset
 from stages.token_shards import ShardError, TokenShards, doc_starts
 from stages.tokenize import TokenizeConfig, token_dtype, tokenizer_hash
@@ -39,6 +41,16 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> dict:
     cfg = TokenizeConfig(dataset=root / "dataset", tokenizer=root / "tok", output_dir=root / "out",
                          heldout_fraction=0.2)
     return {"root": root, "recs": recs, "cfg": cfg, "result": tokenize.run(cfg)}
+
+
+def pickling_map(fn, items):
+    """`map`, but every call crosses a pickle as it would into a Ray task or a process pool."""
+    return map(pickle.loads(pickle.dumps(fn)), [pickle.loads(pickle.dumps(i)) for i in items])
+
+
+def test_doctests() -> None:
+    for module in (tokenize, token_shards):
+        assert doctest.testmod(module).failed == 0, module.__name__
 
 
 def split_texts(recs: list[dict], fraction: float) -> dict[str, list[str]]:
@@ -116,7 +128,7 @@ def test_dtype_by_vocabulary_size(tmp_path: Path) -> None:
     texts = ["w69999 w3 w65600", "w1 w70000", "w65535 w65536 w65537"]  # w70000 is unknown
     write_dataset([{"id": f"d{i}", "text": t, "source": "s"} for i, t in enumerate(texts)], tmp_path / "data")
     result = tokenize.run(TokenizeConfig(dataset=tmp_path / "data", tokenizer=tmp_path / "tok",
-                                         output_dir=tmp_path / "out", heldout_fraction=0.0))
+                                         output_dir=tmp_path / "out", heldout_fraction=0.0), mapper=pickling_map)
     shards = TokenShards(result.tokens)
     assert shards.dtype == np.uint32 and shards.index["vocab_size"] == 70_002
     assert shards.read(0, len(shards)).tolist() == [70_001, 5, 65_602, 0, 3, 1, 0, 65_537, 65_538, 65_539, 0]
@@ -175,11 +187,12 @@ def test_two_ranks_are_disjoint_and_cover_the_epoch(small: dict) -> None:
         [shards.batch_at(s, L, B, seed=7)["window_index"] for s in range(steps)]).tolist()
 
 
-def test_resume_at_step_k_continues_exactly(small: dict) -> None:
+def test_resume_at_step_k_continues_exactly(small: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     shards = TokenShards(small["cfg"].output_dir)
     L, B, k = 24, 6, 5
     steps = shards.windows_per_epoch(L) // B + 4  # across an epoch boundary
     full = list(shards.batches(L, B, rank=1, world=2, seed=3, num_steps=steps))
+    monkeypatch.setattr(token_shards, "MAX_MAPS", 1)  # the resumed reader keeps remapping its shards
     resumed = list(TokenShards(small["cfg"].output_dir).batches(L, B, rank=1, world=2, seed=3, start_step=k,
                                                                 num_steps=steps - k))
     assert len(resumed) == steps - k
