@@ -171,8 +171,9 @@ class TokenShards:
         pos = windows[:, None] * seq_len + np.arange(seq_len)  # stream offsets of the input tokens
         doc = np.searchsorted(self.doc_starts, pos, side="right") - 1  # document of each input token
         doc_start = np.maximum(self.doc_starts[np.maximum(doc, 0)], windows[:, None] * seq_len)
-        return {"input_ids": rows[:, :-1], "targets": rows[:, 1:], "segment_ids": doc - doc[:, :1],
-                "position_ids": pos - doc_start, "window_index": windows}
+        # Contiguous copies: views of one array would reach torch with strides that `.view` refuses.
+        return {"input_ids": np.ascontiguousarray(rows[:, :-1]), "targets": np.ascontiguousarray(rows[:, 1:]),
+                "segment_ids": doc - doc[:, :1], "position_ids": pos - doc_start, "window_index": windows}
 
     def batches(self, seq_len: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
                 start_step: int = 0, num_steps: int | None = None) -> Iterator[dict[str, np.ndarray]]:

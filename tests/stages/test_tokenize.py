@@ -207,6 +207,7 @@ def test_segments_and_positions_follow_document_boundaries(small: dict) -> None:
     shards = TokenShards(small["cfg"].output_dir)
     L = 48
     batch = shards.batch_at(0, L, 16, seed=0)
+    assert all(v.dtype == np.int64 and v.flags.c_contiguous for v in batch.values())  # torch.from_numpy(v).view(-1)
     starts = set(shards.doc_starts.tolist())
     crossed = 0
     for w, seg, pos, x in zip(batch["window_index"], batch["segment_ids"], batch["position_ids"], batch["input_ids"],
