@@ -34,7 +34,7 @@ from pathlib import Path
 
 from infra.settings import apply_offline_env, load_settings
 
-STAGES = ("collect", "clean", "dedup", "decontaminate", "mix", "validate", "tokenizer", "base_model", "pretrain", "sft", "reward", "dpo", "ppo", "grpo",
+STAGES = ("collect", "clean", "dedup", "decontaminate", "mix", "validate", "tokenizer", "tokenize", "base_model", "pretrain", "sft", "reward", "dpo", "ppo", "grpo",
           "rejection", "evaluate")
 
 

@@ -23,7 +23,7 @@ from stages import checkpoint as ckpt
 from stages import planner
 from stages.config import to_dict
 from stages.dataset import is_heldout, read_dataset, write_atomically
-from stages.model import ModelConfig, build_model, count_parameters
+from stages.model import ModelConfig, active_parameters, build_model, count_parameters, loss_parts
 from stages.plots import plot_curves
 from stages.tracking import NullTracker, Tracker
 from stages.train_loop import TrainConfig, dist_info, train
@@ -98,7 +98,7 @@ def windows_at(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, ste
 def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean next-token cross-entropy over positions whose label is not -100 (SFT masks prompts)."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
-    return out.loss, {}
+    return out.loss, loss_parts(model, out)  # MoE: train/aux_loss and train/lm_loss beside the total
 
 
 def heldout_perplexity(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, max_windows: int,
@@ -111,8 +111,10 @@ def heldout_perplexity(model: torch.nn.Module, tokens: np.ndarray, seq_len: int,
     total, count = 0.0, 0
     for lo in range(0, n, batch_size):
         x = windows[lo : lo + batch_size].to(device)
-        loss = model(input_ids=x, labels=x).loss
-        total += loss.item() * x.shape[0]
+        out = model(input_ids=x, labels=x)
+        # An MoE model's loss includes the router's balance term: perplexity is the LM part alone.
+        loss = loss_parts(model, out).get("train/lm_loss", out.loss.item())
+        total += loss * x.shape[0]
         count += x.shape[0]
     return math.exp(total / count)
 
@@ -133,9 +135,11 @@ def run(cfg: PretrainConfig, tracker: Tracker | None = None) -> PretrainResult:
     model = build_model(cfg.model, tokenizer, seed=cfg.train.seed)
     n_params = count_parameters(model)
     # 6N per token for the dense matmuls plus the attention score/value products (the planner's count).
-    flops_per_token = planner.flops_per_token(n_params, cfg.model.num_layers, cfg.model.hidden_size, cfg.seq_len)
+    # Active parameters: an MoE token passes through experts_per_token experts, not all of them.
+    flops_per_token = planner.flops_per_token(active_parameters(model), cfg.model.num_layers, cfg.model.hidden_size, cfg.seq_len)
     if rank == 0:
         tracker.log_params({"stage": "pretrain", **to_dict(cfg), "model/parameters": n_params,
+                            "model/active_parameters": active_parameters(model),
                             "data/train_tokens": len(train_tokens), "world_size": world})
         log.info("pretrain: %s parameters, %s training tokens, %d rank(s)", f"{n_params:,}",
                  f"{len(train_tokens):,}", world)

@@ -37,7 +37,7 @@ def pretrained(corpus):
 
     root, data, tok = corpus
     tracker = RecordingTracker()
-    model = from_dict(ModelConfig, load_preset("small")["model"])  # ~30 M parameters, head_dim 64
+    model = from_dict(ModelConfig, load_preset("small")["model"])  # ~20 M parameters, head_dim 64
     cfg = pretrain.PretrainConfig(dataset=data, tokenizer=tok, output_dir=root / "pretrain", model=model,
                                   seq_len=512, batch_size=32, eval_windows=16,
                                   train=TrainConfig(max_steps=60, lr=1e-3, warmup_steps=10, log_every=10,

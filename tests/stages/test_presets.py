@@ -111,6 +111,10 @@ def test_moe_preset_pretrains_and_saves_a_checkpoint_transformers_generates_from
     losses = tracker.series("train/loss")
     assert len(losses) == 12 and all(math.isfinite(v) for v in losses)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses
+    # The load-balancing loss is logged beside the total, which is the LM loss plus coef x aux.
+    aux, lm = tracker.series("train/aux_loss"), tracker.series("train/lm_loss")
+    assert len(aux) == 12 and all(a > 1.0 for a in aux)  # ~experts_per_token=2 when balanced
+    assert all(abs(t - (m + 0.01 * a)) < 1e-4 for t, m, a in zip(losses, lm, aux, strict=True))
     model = AutoModelForCausalLM.from_pretrained(result.checkpoint)
     assert isinstance(model, MixtralForCausalLM)
     assert (model.config.num_local_experts, model.config.num_experts_per_tok) == (4, 2)
