@@ -60,6 +60,8 @@ bench: install serving-env
 	$(BIN)/python benchmarks/trl_steps.py --steps 20 --warmup 3 --repeats 3 --out benchmarks/results/trl_steps.json
 	$(BIN)/python benchmarks/reward_hh.py
 	$(BIN)/python benchmarks/ppo_curves.py
+	$(BIN)/python benchmarks/data_pipeline.py --repeats 3
+	$(BIN)/python benchmarks/minhash.py --repeats 3 --planted 1000
 
 clean:
 	-$(BIN)/flywheel services down
