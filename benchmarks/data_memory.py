@@ -170,23 +170,6 @@ def oom_kills(cg: Path) -> int:
     return -1
 
 
-def tree_rss_mb(pid: int) -> float:
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0.0
-    total = 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total / 2**20
-
-
 def current_stage(progress: Path) -> str:
     stage = "start-up"
     try:
@@ -217,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     if not (DATASETS / "tinyshakespeare" / "input.txt").is_file():
         sys.exit(f"needs {DATASETS}/tinyshakespeare/input.txt")
-    from benchmarks.common import machine, markdown_table, write_results
+    from benchmarks.common import machine, markdown_table, tree_rss_mb, write_results
 
     if args.small:
         args.corpus_mb, args.limit_mb, args.file_mb = 60, 400, 30

@@ -64,7 +64,7 @@ if str(REPO) not in sys.path:  # runnable as a plain script from the repository 
 
 os.environ.setdefault("FLYWHEEL_RAY_TMP", "/tmp/fw-bench-ray")  # short Ray temp dir (socket path limit)
 
-from benchmarks.minhash import WORDS  # noqa: E402  # the same edit vocabulary as the MinHash benchmark
+from benchmarks.minhash import near_copy  # noqa: E402  # the MinHash benchmark's edit model
 
 DATASETS = REPO / ".." / "shared" / "datasets"
 PYDOC = Path("/usr/share/doc/python3.11/html")
@@ -102,19 +102,6 @@ def group(paras: list[tuple[str, str]], doc_words: int) -> list[tuple[str, str]]
     if buf:
         docs.append((src, "\n\n".join(buf)))
     return docs
-
-
-def near_copy(text: str, rng: random.Random) -> str:
-    w = text.split()
-    for _ in range(rng.randint(1, 3)):
-        op, k = rng.choice("rid"), rng.randrange(len(w))
-        if op == "r":
-            w[k] = rng.choice(WORDS)
-        elif op == "i":
-            w.insert(k, rng.choice(WORDS))
-        elif len(w) > 1:
-            del w[k]
-    return " ".join(w)
 
 
 def exact_copy(text: str, rng: random.Random) -> str:
@@ -332,24 +319,9 @@ def worker(side: str, work: Path, out: Path, result: Path) -> None:
 # --- the driver -----------------------------------------------------------------------------------
 
 
-def tree_rss_mb(pid: int) -> float:
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0.0
-    total = 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total / 2**20
-
-
 def run_side(side: str, work: Path, log_dir: Path) -> dict[str, Any]:
+    from benchmarks.common import tree_rss_mb  # imports torch: the driver only, never a measured side
+
     result = work / f"result-{side}.json"
     result.unlink(missing_ok=True)
     log = open(log_dir / f"{side}.log", "w")

@@ -42,6 +42,20 @@ RESULTS = ROOT / "benchmarks" / "results" / "minhash.json"
 WORDS = ["lord", "sweet", "thou", "night", "grace", "blood", "money", "apples", "seven"]
 
 
+def near_copy(text: str, rng: random.Random) -> str:
+    """A planted near-duplicate: 1-3 words replaced, inserted or deleted."""
+    w = text.split()
+    for _ in range(rng.randint(1, 3)):
+        op, k = rng.choice("rid"), rng.randrange(len(w))
+        if op == "r":
+            w[k] = rng.choice(WORDS)
+        elif op == "i":
+            w.insert(k, rng.choice(WORDS))
+        elif len(w) > 1:
+            del w[k]
+    return " ".join(w)
+
+
 def build_corpus(work: Path, planted: int, seed: int) -> dict:
     from stages.dataset import write_dataset
 
@@ -52,16 +66,7 @@ def build_corpus(work: Path, planted: int, seed: int) -> dict:
     rng = random.Random(seed)
     records = [{"id": f"o{i}", "text": t, "source": "bench"} for i, t in enumerate(docs)]
     for j, i in enumerate(rng.sample(range(len(docs)), planted)):
-        w = docs[i].split()
-        for _ in range(rng.randint(1, 3)):
-            op, k = rng.choice("rid"), rng.randrange(len(w))
-            if op == "r":
-                w[k] = rng.choice(WORDS)
-            elif op == "i":
-                w.insert(k, rng.choice(WORDS))
-            else:
-                del w[k]
-        records.append({"id": f"d{j}", "text": " ".join(w), "source": "bench"})
+        records.append({"id": f"d{j}", "text": near_copy(docs[i], rng), "source": "bench"})
     write_dataset(records, work / "parquet", shard_rows=5000)
     (work / "jsonl").mkdir(exist_ok=True)
     with open(work / "jsonl" / "corpus.jsonl", "w", encoding="utf-8") as f:

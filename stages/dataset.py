@@ -17,6 +17,7 @@ and on a cluster without the stage importing Ray.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -157,6 +158,18 @@ def base_id(record_id: str) -> str:
     ('stdlib:json:loads', 'file:web:17')
     """
     return EPOCH_SUFFIX.sub("", record_id)
+
+
+def match_key(source: str, patterns: Iterable[str]) -> str | None:
+    """The pattern (a source name or a glob such as "file:*") naming `source`: an exact name first, else the first glob that matches.
+
+    >>> match_key("folder:web", ["*:books", "*:web"]), match_key("file:web", ["file:web", "*"]), match_key("x", ["y"])
+    ('*:web', 'file:web', None)
+    """
+    patterns = list(patterns)
+    if source in patterns:
+        return source
+    return next((p for p in patterns if fnmatch.fnmatchcase(source, p)), None)
 
 
 def is_heldout(record_id: str, fraction: float) -> bool:

@@ -26,7 +26,6 @@ Rows whose text is null or not a string go to `quarantine.jsonl` (shard file, ro
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import re
 import shutil
@@ -39,8 +38,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from stages.config import to_dict
-from stages.dataset import (QuarantineLog, dataset_shards, finished_report, fingerprint, iter_records, write_dataset,
-                            write_report)
+from stages.dataset import (QuarantineLog, dataset_shards, finished_report, fingerprint, iter_records, match_key,
+                            write_dataset, write_report)
 from stages.minhash import MinHasher, WordHasher, band_hashes
 from stages.tracking import NullTracker, Tracker
 
@@ -133,8 +132,9 @@ def signature_shard(task: ShardTask) -> ShardSignatures:
     row = 0
     for batch in pq.ParquetFile(task.path).iter_batches(batch_size=task.batch_rows, columns=["id", "text", "source"]):
         ids, texts = batch.column("id").to_pylist(), batch.column("text").to_pylist()
-        exact_only = np.array([any(fnmatch.fnmatchcase(s or "", p) for p in task.exact_only_sources)
-                               for s in batch.column("source").to_pylist()], dtype=bool)
+        sources = batch.column("source").to_pylist()
+        exempt = {s: match_key(s or "", task.exact_only_sources) is not None for s in set(sources)}
+        exact_only = np.array([exempt[s] for s in sources], dtype=bool)
         good = [isinstance(t, str) for t in texts]
         for i, ok in enumerate(good):
             if not ok:

@@ -34,7 +34,6 @@ The LLaMA mixture (Touvron et al. 2023, table 1), for sources named by connector
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import math
@@ -52,7 +51,7 @@ import pyarrow.parquet as pq
 
 from stages.config import to_dict
 from stages.dataset import (EPOCH_SUFFIX, SCHEMA, QuarantineLog, atomic_dir, base_id, commit_dir, dataset_shards,
-                            finished_report, fingerprint, write_atomically, write_report)
+                            finished_report, fingerprint, match_key, write_atomically, write_report)
 from stages.tracking import NullTracker, Tracker
 
 # LLaMA (Touvron et al. 2023, table 1): share of the training tokens and epochs trained per source.
@@ -138,18 +137,6 @@ def copy_id(record_id: str, epoch: int) -> str:
     ('a', 'a#epoch3', 'a')
     """
     return record_id if epoch == 1 else f"{record_id}#epoch{epoch}"
-
-
-def match_key(source: str, patterns: Iterable[str]) -> str | None:
-    """The pattern naming `source`: an exact name first, else the first glob that matches.
-
-    >>> match_key("folder:web", ["*:books", "*:web"]), match_key("file:web", ["file:web", "*"]), match_key("x", ["y"])
-    ('*:web', 'file:web', None)
-    """
-    patterns = list(patterns)
-    if source in patterns:
-        return source
-    return next((p for p in patterns if fnmatch.fnmatchcase(source, p)), None)
 
 
 def is_protected(meta: Any) -> bool:

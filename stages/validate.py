@@ -38,9 +38,9 @@ from typing import Any
 import pandas as pd
 
 from stages.config import to_dict
-from stages.dataset import atomic_dir, commit_dir, read_dataset
-from stages.dataset import EPOCH_SUFFIX
-from stages.mix import estimate_tokens, is_protected, match_key, metric_name
+from stages.dataset import EPOCH_SUFFIX, atomic_dir, commit_dir, match_key, read_dataset
+from stages.dedup import dedup_key
+from stages.mix import estimate_tokens, is_protected, metric_name
 from stages.tracking import NullTracker, Tracker
 
 BUILTIN_SOURCES = ("stdlib-docstrings", "stdlib-topics", "arithmetic")
@@ -49,7 +49,6 @@ OPEN_SOURCE_PREFIXES = ("folder:", "file:", "warc:", "http:", "hf:")
 SUITE_NAME = "flywheel_text_dataset"
 # A median under 5 characters or over 20k means the text field holds ids or whole files, not documents.
 DEFAULT_LENGTH_QUANTILES = {"p05": (1, None), "p50": (5, 20_000), "p95": (None, 50_000)}
-WHITESPACE = re.compile(r"\s+")
 QUANTILE_KEY = re.compile(r"p(\d{1,2}(?:\.\d+)?)")
 
 
@@ -143,7 +142,7 @@ def text_key(text: Any) -> str | None:
     >>> text_key("  Hello\\n  World "), text_key(None)
     ('hello world', None)
     """
-    return WHITESPACE.sub(" ", text.lower()).strip() if isinstance(text, str) else None
+    return dedup_key(text) if isinstance(text, str) else None  # the dedup stage's exact-duplicate key
 
 
 def derived_columns(df: pd.DataFrame, expected_mixture: dict[str, float]) -> tuple[pd.DataFrame, bool]:
