@@ -56,8 +56,10 @@ def publish_report(mlflow_uri: str, run_id: str, stage_dirs: dict[str, Path], ou
 def dataset_inputs(client: MlflowClient) -> Iterator[dict[str, Any]]:
     """Every dataset input of every run, newest run first."""
     experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return
     token = None
-    while experiments:
+    while True:
         page = client.search_runs(experiments, max_results=1000, order_by=["attributes.start_time DESC"],
                                   page_token=token)
         for run in page:

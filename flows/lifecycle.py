@@ -151,7 +151,7 @@ def data_flow(cfg: LifecycleConfig, ctx: RunContext) -> data_versions.DataVersio
         checks["expected_mixture"] = result.expected_mixture  # the shares the mix sampled to, checked by GX
     validation, _ = run_stage("validate", cfg.build("validate", **checks), ctx)
     datasets.publish_report(ctx.mlflow_uri, ctx.parent_run_id, {n: ctx.out(n) for n in (*DATA_STAGES, "validate")},
-                        ctx.out("data-report"))
+                            ctx.out("data-report"))
     raise_for_failures(validation, dataset)  # stops the lifecycle before the tokenizer
     return version_dataset(dataset)
 

@@ -231,12 +231,13 @@ class QuarantineLog:
             self._tmp.unlink(missing_ok=True)
 
 
-def file_digest(path: Path) -> str:
-    """md5 of a file's bytes, read in 1 MB chunks (DVC's hash, so lineage digests agree)."""
+def file_digest(*paths: Path) -> str:
+    """md5 of the files' bytes in order, read in 1 MB chunks (for one file DVC's hash, so lineage digests agree)."""
     h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 

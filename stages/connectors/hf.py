@@ -9,14 +9,13 @@ entry that is not a local path is a Hub name, `owner/name` or `owner/name:config
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from stages.connectors import DEFAULT_MAX_DOC_BYTES, FieldMap, Record, bad_file, bad_record, mapped_record
 from stages.connectors.files import too_long
-from stages.dataset import QuarantineLog
+from stages.dataset import QuarantineLog, file_digest
 
 BATCH_ROWS = 1000
 
@@ -33,12 +32,7 @@ def hf_name(entry: str) -> str:
 def _arrow_md5(ds: Any) -> tuple[str, str]:
     """(path, md5) of the Arrow files behind a local split: the md5 of their bytes in order."""
     files = [Path(f["filename"]) for f in getattr(ds, "cache_files", [])]
-    h = hashlib.md5()
-    for f in files:
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return (str(files[0].parent) if files else "", h.hexdigest())
+    return (str(files[0].parent) if files else "", file_digest(*files))
 
 
 def hf_records(entry: str, q: QuarantineLog, fields: FieldMap = FieldMap(),
