@@ -10,9 +10,10 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from stages.dataset import meta_of, read_dataset
+from stages.tasks import arithmetic
 from stages.tasks.arithmetic import Problem
 
-ARITHMETIC = "arithmetic"
+ARITHMETIC = arithmetic.SOURCE
 
 
 def load_problems(dataset: Path, split: str) -> list[Problem]:

@@ -52,6 +52,7 @@ from stages.filters.gopher import GopherQualityConfig, GopherRepetitionConfig
 from stages.filters.language import LanguageConfig, identify
 from stages.filters.pii import PIIConfig
 from stages.filters.toxicity import ToxicityConfig
+from stages.tasks import arithmetic
 from stages.tracking import NullTracker, Tracker
 
 VERSION = 2  # bump when a rule changes meaning: cached shards and finished runs are then recomputed
@@ -75,7 +76,7 @@ SHORT_TEXT: dict[str, Any] = {
     "fineweb": {"enabled": False},
 }
 PROFILES: dict[str, dict[str, Any]] = {"web": {}, "short": SHORT_TEXT}
-BUILTIN_PER_SOURCE: dict[str, Any] = {"stdlib-*": "short", "arithmetic": "short"}
+BUILTIN_PER_SOURCE: dict[str, Any] = {"stdlib-*": "short", arithmetic.SOURCE: "short"}
 
 
 @dataclass(frozen=True)

@@ -242,7 +242,7 @@ def arithmetic_records(n: int, test_fraction: float, seed: int) -> Iterator[dict
         yield {
             # Keyed by the question itself: the same problem keeps its id whatever n and seed are.
             "id": "arithmetic:" + hashlib.sha256(p.question.encode("utf-8")).hexdigest()[:16],
-            "text": p.question, "source": "arithmetic",
+            "text": p.question, "source": arithmetic.SOURCE,
             "meta": {"answer": p.answer, "reasoning": p.reasoning,
                      "split": arithmetic.split_of(p.question, test_fraction)},
         }

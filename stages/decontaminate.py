@@ -44,6 +44,7 @@ from stages.config import to_dict
 from stages.dataset import (QuarantineLog, dataset_shards, finished_report, fingerprint, iter_records, write_dataset,
                             write_jsonl, write_report)
 from stages.minhash import WordHasher, ngram_hashes, words
+from stages.tasks import arithmetic
 from stages.tracking import NullTracker, Tracker
 
 HARNESS_DIR = Path(__file__).parent / "tasks" / "harness"
@@ -143,7 +144,7 @@ def arithmetic_test_items(dataset: Path) -> Iterator[tuple[int, str, list[str]]]
     """The dataset's arithmetic test split, read column-wise (only the arithmetic rows' text)."""
     index = 0
     for shard in dataset_shards(dataset):
-        table = pq.read_table(shard, columns=["id", "text", "source", "meta"], filters=[("source", "=", "arithmetic")])
+        table = pq.read_table(shard, columns=["id", "text", "source", "meta"], filters=[("source", "=", arithmetic.SOURCE)])
         for rec in table.to_pylist():
             meta = json.loads(rec["meta"]) if rec["meta"] else {}
             if meta.get("split") == "test" and isinstance(rec["text"], str):
@@ -209,7 +210,7 @@ class ShardMatches:
 
 
 def is_eval_record(source: Any, meta: Any) -> bool:
-    if source != "arithmetic" or not meta:
+    if source != arithmetic.SOURCE or not meta:
         return False
     try:
         return json.loads(meta).get("split") == "test"

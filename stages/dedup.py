@@ -41,6 +41,7 @@ from stages.config import to_dict
 from stages.dataset import (QuarantineLog, dataset_shards, finished_report, fingerprint, iter_records, match_key,
                             write_dataset, write_report)
 from stages.minhash import MinHasher, WordHasher, band_hashes
+from stages.tasks import arithmetic
 from stages.tracking import NullTracker, Tracker
 
 WHITESPACE = re.compile(r"\s+")
@@ -65,7 +66,7 @@ class DedupConfig:
     # Sources (names or globs) deduplicated exactly only: generated from templates, their documents
     # differ in a few numbers by design, which MinHash would take for near-duplicates (measured: 8 %
     # of 3,000 arithmetic questions merged).
-    exact_only_sources: tuple[str, ...] = ("arithmetic",)
+    exact_only_sources: tuple[str, ...] = (arithmetic.SOURCE,)
 
     def __post_init__(self) -> None:
         for name in ("shingle_size", "num_perm", "bands", "rows", "max_compare", "batch_rows"):

@@ -41,9 +41,10 @@ from stages.config import to_dict
 from stages.dataset import EPOCH_SUFFIX, atomic_dir, commit_dir, match_key, read_dataset
 from stages.dedup import dedup_key
 from stages.mix import estimate_tokens, is_protected, metric_name
+from stages.tasks import arithmetic
 from stages.tracking import NullTracker, Tracker
 
-BUILTIN_SOURCES = ("stdlib-docstrings", "stdlib-topics", "arithmetic")
+BUILTIN_SOURCES = ("stdlib-docstrings", "stdlib-topics", arithmetic.SOURCE)
 # Connector sources carry the user's folder or file name after the prefix.
 OPEN_SOURCE_PREFIXES = ("folder:", "file:", "warc:", "http:", "hf:")
 SUITE_NAME = "flywheel_text_dataset"

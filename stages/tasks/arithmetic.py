@@ -15,6 +15,8 @@ import random
 import re
 from dataclasses import dataclass
 
+SOURCE = "arithmetic"  # the `source` of the generated problems in a dataset (what evaluation reads back)
+
 NAMES = (
     "Alice", "Ben", "Carla", "David", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jamal", "Kira",
     "Liam", "Maya", "Noah", "Olga", "Pedro", "Quinn", "Rosa", "Sam", "Tara", "Umar", "Vera",
