@@ -269,9 +269,13 @@ def run(cfg: GRPOConfig, tracker: Tracker | None = None) -> GRPOResult:
         seqs = [p + c for p, c in zip(merged["prompts"], merged["completions"], strict=True)]
         masks = [[0] * len(p) + [1] * len(c) for p, c in zip(merged["prompts"], merged["completions"], strict=True)]
         ids, attn, mask = pad_right(seqs, tokenizer.pad_token_id, masks)
+        # Rows are right-padded, so every completion starts at or after the shortest prompt's end: only
+        # the positions from there on are scored (the loss reads the start off the mask's width).
+        first = min(min(len(p) for p in merged["prompts"]), ids.shape[1] - 1)
         with torch.no_grad(), autocast(cfg.train, device), reference_view(model, reference) as ref_model:
-            ref = token_logprobs(ref_model, ids.to(device), attn.to(device), temperature=cfg.temperature).float().cpu()
-        completion_mask = mask[:, 1:]
+            ref = token_logprobs(ref_model, ids.to(device), attn.to(device), temperature=cfg.temperature,
+                                 first_target=first).float().cpu()
+        completion_mask = mask[:, first:]
         texts = [tokenizer.decode(c, skip_special_tokens=True) for c in merged["completions"]]
         watched = monitor.observe(index, texts, merged["lengths"], kl=last_kl[-1] if last_kl else None)
         batch = {"input_ids": ids, "attention_mask": attn, "completion_mask": completion_mask,
@@ -295,7 +299,8 @@ def run(cfg: GRPOConfig, tracker: Tracker | None = None) -> GRPOResult:
         return rollouts[index]
 
     def loss_fn(m, b):
-        logp = token_logprobs(m, b["input_ids"], b["attention_mask"], temperature=cfg.temperature)
+        first = b["input_ids"].shape[1] - b["completion_mask"].shape[1]
+        logp = token_logprobs(m, b["input_ids"], b["attention_mask"], temperature=cfg.temperature, first_target=first)
         old = b["old_logp"]
         if torch.isnan(old).any():
             old = logp.detach()

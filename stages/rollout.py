@@ -27,15 +27,22 @@ def pad_right(seqs: list[list[int]], pad_id: int, masks: list[list[int]] | None 
 
 
 def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-                   temperature: float = 1.0, chunk_rows: int = 4) -> torch.Tensor:
-    """log p(token_t | tokens_<t) for t = 1..T-1 under softmax(logits / temperature), shape [B, T-1] (fp32).
+                   temperature: float = 1.0, chunk_rows: int = 4, first_target: int = 1) -> torch.Tensor:
+    """log p(token_t | tokens_<t) for t = first_target..T-1 under softmax(logits / temperature), shape
+    [B, T - first_target] (fp32); with the default, every token after the first.
 
     The temperature must be the one the tokens were sampled at, or PPO/GRPO ratios and KLs are off.
-    A selective log-softmax: the chosen token's logit minus the row's logsumexp, a few rows at a time,
-    so no fp32 copy of the [B, T, vocab] distribution ever exists (about 6 GB per copy at 124M).
+    `first_target` > 1 scores only the tail (RL scores completions, not prompts): the model then
+    projects only the kept positions onto the vocabulary (`logits_to_keep`), which on a small model is
+    most of a step's matmuls. A selective log-softmax: the chosen token's logit minus the row's
+    logsumexp, a few rows at a time, so no fp32 copy of the [B, T, vocab] distribution ever exists
+    (about 6 GB per copy at 124M).
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-    targets = input_ids[:, 1:]
+    if not 1 <= first_target < input_ids.shape[1]:
+        raise ValueError(f"first_target={first_target} must be in [1, {input_ids.shape[1]})")
+    kwargs = {"logits_to_keep": input_ids.shape[1] - first_target + 1} if first_target > 1 else {}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits[:, :-1]
+    targets = input_ids[:, first_target:]
     scale = 1.0 / temperature if temperature > 0 else 1.0  # greedy (T=0) samples are scored at T=1
     out = []
     # split, not slices: each slice's backward writes a zero-filled gradient of the whole logits tensor

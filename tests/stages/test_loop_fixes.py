@@ -56,6 +56,22 @@ def test_selective_logprobs_have_the_gradient_of_the_full_log_softmax() -> None:
         torch.testing.assert_close(a, p.grad, atol=1e-5, rtol=1e-4)
 
 
+def test_scoring_only_the_tail_projects_only_the_tail_and_equals_the_full_scores() -> None:
+    # RL scores completions: the prompt positions must not be projected onto the vocabulary at all.
+    model = _tiny_lm()
+    ids = torch.randint(0, 50, (3, 10), generator=torch.Generator().manual_seed(5))
+    attn = torch.ones_like(ids)
+    widths: list[int] = []
+    model.lm_head.register_forward_hook(lambda _m, _i, out: widths.append(out.shape[1]))
+    full = token_logprobs(model, ids, attn, temperature=0.7)
+    tail = token_logprobs(model, ids, attn, temperature=0.7, first_target=6)
+    assert widths == [10, 5]  # logits at positions 5..9 score tokens 6..9 (the last one is dropped)
+    assert tail.shape == (3, 4)
+    torch.testing.assert_close(tail, full[:, 5:])
+    with pytest.raises(ValueError, match="first_target"):
+        token_logprobs(model, ids, attn, first_target=10)
+
+
 def test_grpo_rollout_logprobs_are_taken_at_the_sampling_temperature(sft_trained: Trained) -> None:
     # Sampled at T=0.7, the reference log-probs GRPO stores must be those of softmax(logits / 0.7).
     model = ckpt.load_model(sft_trained.checkpoint)
