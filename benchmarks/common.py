@@ -29,6 +29,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 class Workload:
     dataset: Path  # cleaned dataset directory
     tokenizer: Path  # trained tokenizer directory
+    tokens: Path  # the dataset's token shards (what pretraining reads)
     model: ModelConfig
     pretrain: dict[str, Any]  # the preset's `pretrain` section (seq_len, batch_size, train: {...})
 
@@ -40,8 +41,8 @@ def bench_dir(name: str) -> Path:
 
 
 def prepare_workload(root: Path, preset: str = "tiny") -> Workload:
-    """Collect + clean the builtin text and train the preset's tokenizer, once (cached under root)."""
-    from stages import clean, collect, tokenizer
+    """Collect + clean the builtin text, train the preset's tokenizer and tokenize, once (cached under root)."""
+    from stages import clean, collect, tokenize, tokenizer
 
     p = load_preset(preset)
     raw, cleaned, tok = root / "collect", root / "clean", root / "tokenizer"
@@ -52,7 +53,9 @@ def prepare_workload(root: Path, preset: str = "tiny") -> Workload:
     if not (tok / "tokenizer").exists():
         tokenizer.run(tokenizer.TokenizerConfig(dataset=cleaned / "dataset", output_dir=tok,
                                                 **p.get("tokenizer", {})))
-    return Workload(dataset=cleaned / "dataset", tokenizer=tok / "tokenizer",
+    tokens = tokenize.run(tokenize.TokenizeConfig(dataset=cleaned / "dataset", tokenizer=tok / "tokenizer",
+                                                  output_dir=root / "tokens")).tokens  # a no-op once done
+    return Workload(dataset=cleaned / "dataset", tokenizer=tok / "tokenizer", tokens=tokens,
                     model=from_dict(ModelConfig, p["model"], "model."), pretrain=p["pretrain"])
 
 

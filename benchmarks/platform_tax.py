@@ -2,9 +2,9 @@
 
     .venv/bin/python benchmarks/platform_tax.py [--steps 200 --repeats 3]
 
-Same model (the tiny preset's), same data (builtin text, vocab-4096 BPE), same batches
-(`windows_at`), same optimizer and lr schedule. The bare loop is what a researcher would write in
-one file: no Ray, no tracker, no checkpoints, torch's default threads. The platform is
+Same model (the tiny preset's), same data (builtin text, vocab-4096 BPE, its token shards), same
+batches (`TokenShards.batch_at`), same optimizer and lr schedule. The bare loop is what a researcher
+would write in one file: no Ray, no tracker, no checkpoints, torch's default threads. The platform is
 `stages.pretrain.run` inside `infra.ray_executor.run_distributed` with an MLflow tracker on a local
 SQLite store and the preset's checkpoint cadence: everything the platform adds, once with the
 default 2 Ray workers (DDP over gloo) and once with 1 worker holding both cores.
@@ -42,7 +42,8 @@ from benchmarks.common import (Workload, bench_dir, machine, markdown_table, med
 from stages import checkpoint as ckpt  # noqa: E402
 from stages.config import from_dict  # noqa: E402
 from stages.model import build_model  # noqa: E402
-from stages.pretrain import PretrainConfig, tokenize_corpus, windows_at  # noqa: E402
+from stages.pretrain import PretrainConfig  # noqa: E402
+from stages.token_shards import TokenShards  # noqa: E402
 from stages.train_loop import TrainConfig, lr_at  # noqa: E402
 
 log = logging.getLogger("platform_tax")
@@ -73,7 +74,7 @@ def bare_loop(w: Workload, steps: int, work: Path) -> dict[str, Any]:
     cfg = train_config(w, steps)
     seq_len, batch_size = int(w.pretrain["seq_len"]), int(w.pretrain["batch_size"])
     tokenizer = ckpt.load_tokenizer(w.tokenizer)
-    train_tokens, _ = tokenize_corpus(w.dataset, tokenizer, 0.02, work / "tokens")
+    shards = TokenShards(w.tokens)
     model = build_model(w.model, tokenizer, seed=cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
@@ -84,8 +85,9 @@ def bare_loop(w: Workload, steps: int, work: Path) -> dict[str, Any]:
     windows: list[tuple[int, float]] = []
     tokens, start = 0, time.perf_counter()
     for step in range(steps):
-        x = windows_at(train_tokens, seq_len, batch_size, cfg.seed, step)
-        loss = model(input_ids=x, labels=x).loss
+        b = shards.batch_at(step, seq_len, batch_size, cfg.seed)
+        x, y = torch.from_numpy(b["input_ids"]), torch.from_numpy(b["targets"])
+        loss = torch.nn.functional.cross_entropy(model(input_ids=x).logits.flatten(0, 1), y.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
@@ -111,7 +113,7 @@ def platform_run(w: Workload, steps: int, work: Path, workers: int, tracking_uri
     from infra.ray_executor import RayConfig, run_distributed
     from registry.tracking import end_run, start_run
 
-    cfg = PretrainConfig(dataset=w.dataset, tokenizer=w.tokenizer, output_dir=work, model=w.model,
+    cfg = PretrainConfig(tokens=w.tokens, tokenizer=w.tokenizer, output_dir=work, model=w.model,
                          train=train_config(w, steps), seq_len=int(w.pretrain["seq_len"]),
                          batch_size=int(w.pretrain["batch_size"]))
     tracker = start_run(tracking_uri, "bench-platform-tax", label)

@@ -49,7 +49,7 @@ def build_policy_and_reward_model(root: Path, preset: dict, steps: dict[str, int
     root = root / "-".join(f"{s}{preset.get(s, REWARD_DEFAULT)['train']['max_steps']}" for s in steps)
     quiet = {"train": {"progress": False}}
     pre = pretrain.run(from_dict(pretrain.PretrainConfig, deep_merge(
-        {**preset["pretrain"], "model": preset["model"]}, {"dataset": str(w.dataset), "tokenizer": str(w.tokenizer),
+        {**preset["pretrain"], "model": preset["model"]}, {"tokens": str(w.tokens), "tokenizer": str(w.tokenizer),
                                                            "output_dir": str(root / "pretrain"), **quiet})))
     tuned = sft.run(from_dict(sft.SFTConfig, deep_merge(preset["sft"], {
         "dataset": str(w.dataset), "policy": str(pre.checkpoint), "output_dir": str(root / "sft"), **quiet})))

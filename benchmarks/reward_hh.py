@@ -59,7 +59,7 @@ def main() -> None:
     preset = load_preset("tiny")["pretrain"]
     train = from_dict(TrainConfig, {**preset["train"], "max_steps": args.pretrain_steps, "progress": False,
                                     "eval_every": 0, "checkpoint_every": args.pretrain_steps}, "train.")
-    base = pretrain.run(PretrainConfig(dataset=work.dataset, tokenizer=work.tokenizer, model=work.model,
+    base = pretrain.run(PretrainConfig(tokens=work.tokens, tokenizer=work.tokenizer, model=work.model,
                                        output_dir=root / f"pretrain-{args.pretrain_steps}", seq_len=preset["seq_len"],
                                        batch_size=preset["batch_size"], train=train))
 

@@ -1,4 +1,4 @@
-"""The lifecycle: data -> tokenizer -> pretrain -> align -> evaluate -> promote -> serve, one Prefect flow.
+"""The lifecycle: data -> tokenizer -> tokenize -> pretrain -> align -> evaluate -> promote -> serve, one Prefect flow.
 
     flywheel run --preset tiny recipe=instructgpt           # SFT -> reward model -> PPO
     flywheel run --preset tiny base_model=/models/qwen2     # no tokenizer or pretraining: align a given model
@@ -49,6 +49,7 @@ DATASET_NAME = "clean"  # data/<name>: the validated corpus every later phase tr
 DATA_STAGES = ("collect", "clean", "dedup", "decontaminate", "mix")
 # data/<name> of each data stage's output (the mix becomes DATASET_NAME once validated)
 STAGE_VERSIONS = {"collect": "raw", "clean": "filtered", "dedup": "deduped", "decontaminate": "decontaminated"}
+TOKENS_DATA = "tokens"  # data/<name>: the token shards pretraining reads, one DVC version per tokenization
 REJECTION_DATA = "rejection-sft"  # data/<name>: the SFT data rejection sampling writes, one DVC version per run
 
 
@@ -162,11 +163,21 @@ def tokenizer_flow(cfg: LifecycleConfig, ctx: RunContext, dataset: Path) -> tupl
     return result.tokenizer_dir, run_id
 
 
+@flow(name="tokenize", validate_parameters=False)
+def tokenize_flow(cfg: LifecycleConfig, ctx: RunContext, dataset: Path, tokenizer: Path) -> data_versions.DataVersion:
+    """The corpus as token shards (each input shard a Ray task), versioned as data/tokens: pretraining
+    reads that version, so its md5 pins exactly which tokens a model saw."""
+    ray_executor.ensure_ray()
+    result, _ = run_stage("tokenize", cfg.build("tokenize", dataset=dataset, tokenizer=tokenizer,
+                                                output_dir=ctx.out("tokenize")), ctx)
+    return version_dataset(result.tokens, TOKENS_DATA)
+
+
 @flow(name="pretrain", validate_parameters=False)
-def pretrain_flow(cfg: LifecycleConfig, ctx: RunContext, dataset: Path, tokenizer: Path) -> tuple[Path, str]:
-    """Pretraining on Ray Train: a DDP group of `ray.num_workers` workers."""
+def pretrain_flow(cfg: LifecycleConfig, ctx: RunContext, tokens: Path, tokenizer: Path) -> tuple[Path, str]:
+    """Pretraining on Ray Train: a DDP group of `ray.num_workers` workers, reading the token shards."""
     ray_executor.ensure_ray()  # here, in the flow's main thread, not in a task thread
-    stage_cfg = cfg.build("pretrain", dataset=dataset, tokenizer=tokenizer, output_dir=ctx.out("pretrain"),
+    stage_cfg = cfg.build("pretrain", tokens=tokens, tokenizer=tokenizer, output_dir=ctx.out("pretrain"),
                           lineage=dict(ctx.lineage))
     result, run_id = run_stage("pretrain", stage_cfg, ctx, ray_cfg=cfg.build("ray"))
     return result.checkpoint, run_id
@@ -357,7 +368,9 @@ def lifecycle(preset: str = "tiny", overrides: list[str] | None = None) -> dict[
         if source is None:
             tokenizer, tok_run = phase("tokenizer", tokenizer_flow, cfg, ctx, data.path)
             ctx.lineage["tokenizer.run_id"] = tok_run
-            base, pt_run = phase("pretrain", pretrain_flow, cfg, ctx, data.path, tokenizer)
+            tokens = phase("tokenize", tokenize_flow, cfg, ctx, data.path, tokenizer)
+            ctx.lineage |= {"tokens.dvc_md5": tokens.md5, "tokens.path": f"data/{tokens.name}"}
+            base, pt_run = phase("pretrain", pretrain_flow, cfg, ctx, tokens.path, tokenizer)
             ctx.lineage["pretrain.run_id"] = pt_run
             first = "pretrain"
         else:

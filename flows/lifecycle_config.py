@@ -30,6 +30,7 @@ from stages.pretrain import PretrainConfig
 from stages.rejection import RejectionConfig
 from stages.reward import RewardConfig
 from stages.sft import SFTConfig
+from stages.tokenize import TokenizeConfig
 from stages.tokenizer import TokenizerConfig
 from stages.validate import ValidateConfig
 
@@ -167,7 +168,8 @@ SECTIONS: dict[str, tuple[type, frozenset[str]]] = {
     "validate": (ValidateConfig, frozenset({"dataset", "output_dir"})),
     "tokenizer": (TokenizerConfig, frozenset({"dataset", "output_dir"})),
     "model": (ModelConfig, frozenset()),
-    "pretrain": (PretrainConfig, frozenset({"dataset", "tokenizer", "output_dir", "model", "lineage"})),
+    "tokenize": (TokenizeConfig, frozenset({"dataset", "tokenizer", "output_dir"})),
+    "pretrain": (PretrainConfig, frozenset({"tokens", "tokenizer", "output_dir", "model", "lineage"})),
     "sft": (SFTConfig, frozenset({"dataset", "policy", "output_dir", "lineage"})),
     "dpo": (DPOConfig, frozenset({"dataset", "policy", "output_dir", "lineage"})),
     "grpo": (GRPOConfig, frozenset({"dataset", "policy", "output_dir", "lineage"})),
@@ -217,7 +219,7 @@ class LifecycleConfig:
                     raise ConfigError(f"unknown config key {name}.{key} (valid keys of {name}: {', '.join(settable)})")
             self.build(name, **{k: _PLACEHOLDER for k in provided if k not in ("model", "lineage")})
         if self.build("align").base_model is None:  # pretraining runs on Ray: every rank needs rows
-            check_world_size(self.build("pretrain", dataset=_PLACEHOLDER, tokenizer=_PLACEHOLDER,
+            check_world_size(self.build("pretrain", tokens=_PLACEHOLDER, tokenizer=_PLACEHOLDER,
                                         output_dir=_PLACEHOLDER), self.build("ray"))
 
     def build(self, name: str, **wiring: Any) -> Any:

@@ -140,12 +140,15 @@ def tokenizer(dataset: str | None = None, preset: str = "tiny", overrides: list[
 @flow(name="phase-pretrain", log_prints=True, validate_parameters=False)
 def pretrain(dataset: str | None = None, tokenizer: str | None = None, preset: str = "tiny",
              overrides: list[str] | None = None) -> str:
-    """Pretrain on Ray (default tokenizer: the newest one under runs/); returns the final checkpoint."""
+    """Tokenize `dataset` into data/tokens, then pretrain on Ray (default tokenizer: the newest one under
+    runs/); returns the final checkpoint."""
     cfg = LifecycleConfig.load(preset, overrides)
     data_dir, tok_dir = dataset_path(dataset), _input(tokenizer, "tokenizer/tokenizer", _is_tokenizer)
     with phase_context("pretrain", cfg) as ctx:
         ctx.lineage |= _data_lineage(data_dir) | {"tokenizer.path": str(tok_dir)}
-        checkpoint, _ = lc.pretrain_flow(cfg, ctx, data_dir, tok_dir)
+        tokens = lc.tokenize_flow(cfg, ctx, data_dir, tok_dir)
+        ctx.lineage |= {"tokens.dvc_md5": tokens.md5, "tokens.path": f"data/{tokens.name}"}
+        checkpoint, _ = lc.pretrain_flow(cfg, ctx, tokens.path, tok_dir)
     return str(checkpoint)
 
 

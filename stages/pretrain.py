@@ -1,11 +1,16 @@
-"""Pretrain a Llama-architecture model from scratch on the cleaned dataset (next-token prediction).
+"""Pretrain a Llama-architecture model from scratch on token shards (next-token prediction).
 
-    flywheel stage pretrain dataset=data/clean tokenizer=<dir> output_dir=/tmp/pt train.max_steps=50
+    flywheel stage tokenize dataset=data/clean tokenizer=<dir> output_dir=/tmp/tok-shards
+    flywheel stage pretrain tokens=/tmp/tok-shards tokenizer=<dir> output_dir=/tmp/pt train.max_steps=50
 
-Documents are tokenized once (cached under output_dir/tokens), joined with the document separator
-and cut into fixed windows at seeded random offsets: sequence packing with no padding waste. A small
-held-out split (by record id) gives perplexity, and a unigram model fitted on the training tokens
-gives the baseline that perplexity must beat. Runs alone or as one rank of a DDP group (Ray Train).
+The `tokenize` stage writes the shards once (`stages.tokenize`); this stage only reads them through
+`stages.token_shards.TokenShards`. The training split gives the batches: packed windows of
+`seq_len + 1` tokens, documents back to back, the step's global batch a pure function of
+`(train.seed, step)`, so a resumed run reads exactly the batches an uninterrupted one would, and
+every DDP rank builds the same global batch and takes its rows of it (`stages.train_loop`). The
+held-out split (by record id, cut by the tokenize stage) gives perplexity, and a unigram model of
+the training split's token counts gives the baseline that perplexity must beat. Runs alone or as
+one rank of a DDP group (Ray Train).
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from stages import checkpoint as ckpt
 from stages import planner
@@ -25,36 +29,40 @@ from stages.config import to_dict
 from stages.dataset import is_heldout, read_dataset, write_atomically
 from stages.model import ModelConfig, active_parameters, build_model, count_parameters, loss_parts
 from stages.plots import plot_curves
+from stages.token_shards import TokenShards
+from stages.tokenize import tokenizer_hash
 from stages.tracking import NullTracker, Tracker
 from stages.train_loop import TrainConfig, dist_info, train
 
 log = logging.getLogger(__name__)
+COUNT_CHUNK = 1 << 24  # held-out tokens counted per read: bounded memory on a large split
 
 
 @dataclass(frozen=True, kw_only=True)
 class PretrainConfig:
-    dataset: Path
-    tokenizer: Path  # directory with the trained tokenizer
+    tokens: Path  # a tokenize stage's output (or its tokens/ folder, or a DVC version of it)
+    tokenizer: Path  # the tokenizer the shards were made with (checked by hash): saved with every checkpoint
     output_dir: Path
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=200, lr=3e-3))
     seq_len: int = 128
     batch_size: int = 16  # sequences per optimizer step, across all ranks
-    heldout_fraction: float = 0.02
     eval_windows: int = 64
     lineage: dict = field(default_factory=dict)  # data versions, parent runs: copied into meta.json
 
     def __post_init__(self) -> None:
         if self.seq_len > self.model.max_seq_len:
             raise ValueError(f"seq_len={self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
-        if not 0 < self.heldout_fraction < 0.5:
-            raise ValueError(f"heldout_fraction must be in (0, 0.5), got {self.heldout_fraction}")
 
 
 @dataclass(frozen=True)
 class PretrainResult:
     checkpoint: Path
     metrics: dict[str, float]
+
+
+# --- text -> tokens in memory: SFT's pretraining replay and evaluate's held-out split still read
+# the dataset this way (they are not pretraining's inputs; moving them to the shards is their change).
 
 
 def token_stream(texts: list[str], tokenizer) -> np.ndarray:
@@ -72,20 +80,13 @@ def heldout_texts(dataset: Path, heldout_fraction: float) -> tuple[list[str], li
 
 
 def tokenize_corpus(dataset: Path, tokenizer, heldout_fraction: float, cache: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(train, held-out) token streams; cached as .npy so retries and other ranks skip the work."""
+    """(train, held-out) token streams; cached as .npy so retries skip the work."""
     files = cache / "train.npy", cache / "heldout.npy"
     if not all(f.exists() for f in files):
         for path, texts in zip(files, heldout_texts(dataset, heldout_fraction), strict=True):
             stream = token_stream(texts, tokenizer)
             write_atomically(path, lambda tmp, stream=stream: np.save(tmp, stream))
     return np.load(files[0]), np.load(files[1])
-
-
-def unigram_perplexity(train_tokens: np.ndarray, heldout_tokens: np.ndarray, vocab_size: int) -> float:
-    """Perplexity of an add-one-smoothed unigram model: the floor any language model must beat."""
-    counts = np.bincount(train_tokens, minlength=vocab_size).astype(np.float64) + 1.0
-    logp = np.log(counts / counts.sum())
-    return float(math.exp(-logp[heldout_tokens].mean()))
 
 
 def windows_at(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
@@ -95,14 +96,69 @@ def windows_at(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, ste
     return torch.from_numpy(np.stack([tokens[s : s + seq_len] for s in starts]).astype(np.int64))
 
 
+def open_shards(cfg: PretrainConfig) -> tuple[TokenShards, TokenShards]:
+    """(train, held-out) splits of `cfg.tokens`, refused if another tokenizer made them."""
+    train_split, heldout = TokenShards(cfg.tokens, "train"), TokenShards(cfg.tokens, "heldout")
+    if tokenizer_hash(cfg.tokenizer) != train_split.tokenizer_hash:
+        # Ids of one vocabulary read by a model of another train without error and learn nothing.
+        raise ValueError(f"{train_split.root} was tokenized by another tokenizer than {cfg.tokenizer} "
+                         f"(hash {train_split.tokenizer_hash}, not {tokenizer_hash(cfg.tokenizer)}): "
+                         f"re-run the tokenize stage with tokenizer={cfg.tokenizer}")
+    if train_split.windows_per_epoch(cfg.seq_len) == 0:
+        raise ValueError(f"{train_split.root}: only {len(train_split)} training tokens, fewer than "
+                         f"seq_len+1={cfg.seq_len + 1}")
+    return train_split, heldout
+
+
+def shard_batch(shards: TokenShards, step: int, seq_len: int, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
+    """The global batch of `step`: inputs and their next tokens (already shifted: `targets`).
+
+    Packed documents attend across their boundaries (segment and position ids are not used): the
+    unmasked causal path keeps SDPA on its flash kernel (a per-document mask forces the slower
+    masked kernels and an L x L mask per row), the `<|endoftext|>` before each document teaches the
+    model that what precedes it is unrelated, as in GPT-2 and nanochat, and the held-out perplexity
+    here and in the evaluate stage reads windows packed the same way, so the numbers stay comparable.
+    """
+    b = shards.batch_at(step, seq_len, batch_size, seed)
+    return {"input_ids": torch.from_numpy(b["input_ids"]), "targets": torch.from_numpy(b["targets"])}
+
+
+def unigram_perplexity(train_counts: np.ndarray, heldout_counts: np.ndarray) -> float:
+    """Perplexity of an add-one-smoothed unigram model (fitted on the training tokens' counts) on the
+    held-out tokens (given by their counts): the floor any language model must beat."""
+    counts = train_counts.astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    n = heldout_counts.sum()
+    return float(math.exp(-(heldout_counts * logp).sum() / n)) if n else float("nan")
+
+
+def split_counts(shards: TokenShards, vocab_size: int) -> np.ndarray:
+    """Unigram counts of a whole split, read a chunk at a time."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for lo in range(0, len(shards), COUNT_CHUNK):
+        counts += np.bincount(shards.read(lo, min(len(shards), lo + COUNT_CHUNK)), minlength=vocab_size)
+    return counts
+
+
 def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean next-token cross-entropy over positions whose label is not -100 (SFT masks prompts)."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
+    """Mean next-token cross-entropy over positions whose label is not -100 (SFT masks prompts).
+
+    `labels` are the inputs' own ids, shifted by the model; `targets` (token shards) are the next
+    tokens already, every position a target: HF then needs `shift_labels` so it does not shift again
+    (and some `labels` at all to compute a loss).
+    """
+    if "targets" in batch:
+        # Contiguous: a DDP rank's rows are a strided slice of the global batch, and HF calls .view on them.
+        targets = batch["targets"].contiguous()
+        out = model(input_ids=batch["input_ids"], labels=targets, shift_labels=targets)
+    else:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
     return out.loss, loss_parts(model, out)  # MoE: train/aux_loss and train/lm_loss beside the total
 
 
 def heldout_perplexity(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, max_windows: int,
                        batch_size: int = 16) -> float:
+    """Over consecutive windows of the held-out stream, as the evaluate stage's `heldout` task reads them."""
     n = min(max_windows, (len(tokens) - 1) // seq_len)
     if n == 0:
         return float("nan")
@@ -123,14 +179,8 @@ def run(cfg: PretrainConfig, tracker: Tracker | None = None) -> PretrainResult:
     tracker = tracker or NullTracker()
     rank, world = dist_info()
     tokenizer = ckpt.load_tokenizer(cfg.tokenizer)
-    cache = Path(cfg.output_dir) / "tokens"
-    if rank == 0:  # one rank tokenizes, the others read the cache
-        tokenize_corpus(cfg.dataset, tokenizer, cfg.heldout_fraction, cache)
-    if world > 1:
-        dist.barrier()
-    train_tokens, heldout_tokens = tokenize_corpus(cfg.dataset, tokenizer, cfg.heldout_fraction, cache)
-    if len(train_tokens) <= cfg.seq_len:
-        raise ValueError(f"{cfg.dataset}: only {len(train_tokens)} training tokens, fewer than seq_len={cfg.seq_len}")
+    train_split, heldout = open_shards(cfg)  # every rank maps the same files: nothing to wait for
+    heldout_tokens = heldout.read(0, min(len(heldout), cfg.eval_windows * cfg.seq_len + 1))
 
     model = build_model(cfg.model, tokenizer, seed=cfg.train.seed)
     n_params = count_parameters(model)
@@ -140,25 +190,28 @@ def run(cfg: PretrainConfig, tracker: Tracker | None = None) -> PretrainResult:
     if rank == 0:
         tracker.log_params({"stage": "pretrain", **to_dict(cfg), "model/parameters": n_params,
                             "model/active_parameters": active_parameters(model),
-                            "data/train_tokens": len(train_tokens), "world_size": world})
-        log.info("pretrain: %s parameters, %s training tokens, %d rank(s)", f"{n_params:,}",
-                 f"{len(train_tokens):,}", world)
+                            "data/train_tokens": len(train_split), "data/heldout_tokens": len(heldout),
+                            "data/tokenizer_hash": train_split.tokenizer_hash, "world_size": world})
+        log.info("pretrain: %s parameters, %s training tokens in %s, %d rank(s)", f"{n_params:,}",
+                 f"{len(train_split):,}", train_split.root, world)
 
     def batch_at(step: int) -> dict[str, torch.Tensor]:
-        x = windows_at(train_tokens, cfg.seq_len, cfg.batch_size, cfg.train.seed, step)
-        return {"input_ids": x, "labels": x}
+        return shard_batch(train_split, step, cfg.seq_len, cfg.batch_size, cfg.train.seed)
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
         return {"eval/heldout/perplexity": heldout_perplexity(m, heldout_tokens, cfg.seq_len, cfg.eval_windows)}
 
-    meta = {"stage": "pretrain", "config": to_dict(cfg), "lineage": cfg.lineage, "parent": None}
+    # The evaluate stage finds the held-out split by pretraining's config in meta.json: the fraction
+    # the shards were cut with is part of what this run trained on.
+    config = {**to_dict(cfg), "heldout_fraction": train_split.index["heldout_fraction"]}
+    meta = {"stage": "pretrain", "config": config, "lineage": cfg.lineage, "parent": None}
     result = train(model, tokenizer, cfg=cfg.train, batch_at=batch_at, loss_fn=lm_loss,
                    output_dir=cfg.output_dir, meta=meta, evaluate=evaluate, tracker=tracker,
                    desc="pretrain", flops_per_token=flops_per_token)
-    metrics = {**result.metrics,
-               "eval/heldout/unigram_perplexity": unigram_perplexity(train_tokens, heldout_tokens, len(tokenizer))}
+    unigram = unigram_perplexity(train_split.token_counts(), split_counts(heldout, len(tokenizer)))
+    metrics = {**result.metrics, "eval/heldout/unigram_perplexity": unigram}
     if rank == 0:
-        tracker.log_metrics({"eval/heldout/unigram_perplexity": metrics["eval/heldout/unigram_perplexity"]})
+        tracker.log_metrics({"eval/heldout/unigram_perplexity": unigram})
         plot = plot_curves(result.history, Path(cfg.output_dir) / "pretrain_curves.png", "pretraining",
                            ["train/loss", "eval/heldout/perplexity", "train/tokens_per_s"])
         if plot:

@@ -111,10 +111,11 @@ def tiny_pretrained_checkpoints(root: Path, corpus: Path | None = None, seeds: t
     Real text in, real (if poor) text out, and different answers per seed: what serving and
     comparison tests need, in seconds. Builds its own small corpus unless one is given.
     """
-    from stages import collect, pretrain, tokenizer
+    from stages import collect, pretrain, tokenize, tokenizer
     from stages.collect import CollectConfig
     from stages.model import ModelConfig
     from stages.pretrain import PretrainConfig
+    from stages.tokenize import TokenizeConfig
     from stages.tokenizer import TokenizerConfig
     from stages.train_loop import TrainConfig
 
@@ -122,9 +123,10 @@ def tiny_pretrained_checkpoints(root: Path, corpus: Path | None = None, seeds: t
         corpus = collect.run(CollectConfig(output_dir=root / "collect", max_builtin_chars=60_000,
                                            arithmetic_problems=50)).dataset
     tok_dir = tokenizer.run(TokenizerConfig(dataset=corpus, output_dir=root / "tok", vocab_size=512)).tokenizer_dir
+    tokens = tokenize.run(TokenizeConfig(dataset=corpus, tokenizer=tok_dir, output_dir=root / "tokens")).tokens
     model = ModelConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128,
                         max_seq_len=128)
     return [pretrain.run(PretrainConfig(
-        dataset=corpus, tokenizer=tok_dir, output_dir=root / f"seed{seed}", model=model, seq_len=64, batch_size=8,
+        tokens=tokens, tokenizer=tok_dir, output_dir=root / f"seed{seed}", model=model, seq_len=64, batch_size=8,
         train=TrainConfig(max_steps=steps, lr=3e-3, warmup_steps=1, progress=False, seed=seed))).checkpoint
         for seed in seeds]

@@ -108,13 +108,16 @@ def test_every_data_version_is_a_run_input_and_a_fresh_clone_checks_out_the_cham
         first_run, workspace, tmp_path, capsys, monkeypatch):
     client, champion = first_run
     md5 = champion.tags["data.dvc_md5"]
+    tokens = yaml.safe_load((workspace / "data" / "tokens.dvc").read_text())["outs"][0]["md5"]
+    assert champion.tags["tokens.dvc_md5"] == tokens and champion.tags["tokens.path"] == "data/tokens"
     inputs = {d.dataset.name: d.dataset.digest
               for d in client.get_run(champion.tags["pretrain.run_id"]).inputs.dataset_inputs}
-    assert inputs == {"data/clean": md5}  # the MLflow UI's Dataset column: what pretraining read
+    assert inputs == {"data/tokens": tokens}  # the MLflow UI's Dataset column: what pretraining read
     names = {r.info.run_name: {d.dataset.name for d in r.inputs.dataset_inputs}
              for r in client.search_runs([client.get_experiment_by_name("flywheel").experiment_id],
                                          filter_string=f"tags.`lifecycle.run_id` = '{champion.tags['lifecycle.run_id']}'")}
     assert names["clean"] == {"data/raw"} and names["dedup"] == {"data/filtered"} and names["mix"] == {"data/decontaminated"}
+    assert names["tokenize"] == {"data/clean"}  # the token shards were cut from the validated corpus
     parent = champion.tags["lifecycle.run_id"]
     shown = {a.path for a in client.list_artifacts(parent, "data")}
     assert {"data/data_report.png", "data/data_docs"} <= shown

@@ -29,7 +29,7 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pretrained(corpus):
-    from stages import pretrain
+    from stages import pretrain, tokenize
     from stages.config import from_dict, load_preset
     from stages.model import ModelConfig
     from stages.tracking import RecordingTracker
@@ -38,7 +38,8 @@ def pretrained(corpus):
     root, data, tok = corpus
     tracker = RecordingTracker()
     model = from_dict(ModelConfig, load_preset("small")["model"])  # ~20 M parameters, head_dim 64
-    cfg = pretrain.PretrainConfig(dataset=data, tokenizer=tok, output_dir=root / "pretrain", model=model,
+    tokens = tokenize.run(tokenize.TokenizeConfig(dataset=data, tokenizer=tok, output_dir=root / "tokens")).tokens
+    cfg = pretrain.PretrainConfig(tokens=tokens, tokenizer=tok, output_dir=root / "pretrain", model=model,
                                   seq_len=512, batch_size=32, eval_windows=16,
                                   train=TrainConfig(max_steps=60, lr=1e-3, warmup_steps=10, log_every=10,
                                                     checkpoint_every=30, progress=False))

@@ -26,7 +26,7 @@ def quick(**overrides):
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    from stages import collect, pretrain, tokenizer
+    from stages import collect, pretrain, tokenize, tokenizer
     from stages.model import ModelConfig
 
     root = tmp_path_factory.mktemp("qlora")
@@ -35,7 +35,8 @@ def base(tmp_path_factory):
     tok = tokenizer.run(tokenizer.TokenizerConfig(dataset=data, output_dir=root / "tok", vocab_size=2048)).tokenizer_dir
     model = ModelConfig(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=768,
                         max_seq_len=256)
-    cfg = pretrain.PretrainConfig(dataset=data, tokenizer=tok, output_dir=root / "pretrain", model=model, seq_len=128,
+    tokens = tokenize.run(tokenize.TokenizeConfig(dataset=data, tokenizer=tok, output_dir=root / "tokens")).tokens
+    cfg = pretrain.PretrainConfig(tokens=tokens, tokenizer=tok, output_dir=root / "pretrain", model=model, seq_len=128,
                                   batch_size=32, eval_windows=8,
                                   train=quick(max_steps=100, lr=3e-3, warmup_steps=10, checkpoint_every=100,
                                               log_every=20, compile="off"))

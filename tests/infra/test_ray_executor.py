@@ -18,20 +18,21 @@ from transformers import AutoModelForCausalLM
 
 from infra import ray_executor
 from infra.ray_executor import RayConfig, check_world_size, run_distributed
-from stages import collect, tokenizer
+from stages import collect, tokenize, tokenizer
 from stages.collect import CollectConfig
 from stages.config import ConfigError
 from stages.model import ModelConfig
 from stages.pretrain import PretrainConfig
+from stages.tokenize import TokenizeConfig
 from stages.tokenizer import TokenizerConfig
 from stages.train_loop import TrainConfig
 
 TINY = ModelConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128, max_seq_len=64)
 
 
-def pretrain_cfg(output_dir: Path, dataset: Path = Path("/nonexistent"), tok: Path = Path("/nonexistent"),
+def pretrain_cfg(output_dir: Path, tokens: Path = Path("/nonexistent"), tok: Path = Path("/nonexistent"),
                  batch_size: int = 4) -> PretrainConfig:
-    return PretrainConfig(dataset=dataset, tokenizer=tok, output_dir=output_dir, model=TINY, seq_len=32,
+    return PretrainConfig(tokens=tokens, tokenizer=tok, output_dir=output_dir, model=TINY, seq_len=32,
                           batch_size=batch_size, eval_windows=4,
                           train=TrainConfig(max_steps=4, lr=3e-3, warmup_steps=1, checkpoint_every=2,
                                             log_every=1, progress=False))
@@ -64,11 +65,12 @@ def test_result_and_checkpoint_come_back_through_ray_storage(tmp_path: Path, mon
     corpus = collect.run(CollectConfig(output_dir=tmp_path / "collect", max_builtin_chars=40_000,
                                        arithmetic_problems=50)).dataset
     tok = tokenizer.run(TokenizerConfig(dataset=corpus, output_dir=tmp_path / "tok", vocab_size=512)).tokenizer_dir
+    tokens = tokenize.run(TokenizeConfig(dataset=corpus, tokenizer=tok, output_dir=tmp_path / "tokens")).tokens
     storage, out, cwd = tmp_path / "ray-storage", tmp_path / "runs" / "r1" / "pretrain", tmp_path / "driver-cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     monkeypatch.setenv("FLYWHEEL_RAY_STORAGE", str(storage))
-    cfg = pretrain_cfg(out, corpus, tok)
+    cfg = pretrain_cfg(out, tokens, tok)
     try:
         ray_executor.ensure_ray(num_cpus=2)
         result = run_distributed("pretrain", cfg, ray_cfg=RayConfig(num_workers=2))

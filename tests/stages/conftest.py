@@ -1,7 +1,7 @@
 """Artifacts the training-stage tests share, each built once per session by the stages themselves.
 
-corpus -> tokenizer -> pretrained -> sft: a few hundred KB of stdlib English plus 500 arithmetic
-problems, a 1k-token byte-level BPE, a 2-layer hidden-64 Llama (head_dim 32, servable by vLLM)
+corpus -> tokenizer -> tokens -> pretrained -> sft: a few hundred KB of stdlib English plus 500 arithmetic
+problems, a 1k-token byte-level BPE, its token shards, a 2-layer hidden-64 Llama (head_dim 32, servable by vLLM)
 pretrained for 30 steps, and an SFT checkpoint on top of it that DPO, GRPO and evaluation start from.
 The whole chain costs well under a minute on 2 CPU cores.
 
@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from stages import collect, pretrain, sft, tokenizer
+from stages import collect, pretrain, sft, tokenize, tokenizer
 from stages.collect import CollectConfig
 from stages.model import ModelConfig
 from stages.pretrain import PretrainConfig
 from stages.sft import SFTConfig
+from stages.tokenize import TokenizeConfig
 from stages.tokenizer import TokenizerConfig
 from stages.tracking import RecordingTracker
 from stages.train_loop import TrainConfig
@@ -35,9 +36,9 @@ def quiet_train(**overrides) -> TrainConfig:
     return TrainConfig(**{"progress": False, "weight_decay": 0.0, "log_every": 1, **overrides})
 
 
-def pretrain_config(corpus: Path, tokenizer_dir: Path, output_dir: Path, **train) -> PretrainConfig:
+def pretrain_config(tokens: Path, tokenizer_dir: Path, output_dir: Path, **train) -> PretrainConfig:
     return PretrainConfig(
-        dataset=corpus, tokenizer=tokenizer_dir, output_dir=output_dir, model=TINY_MODEL, seq_len=64,
+        tokens=tokens, tokenizer=tokenizer_dir, output_dir=output_dir, model=TINY_MODEL, seq_len=64,
         batch_size=8, eval_windows=16, lineage=LINEAGE,
         train=quiet_train(**{"max_steps": 30, "lr": 3e-3, "warmup_steps": 3, "checkpoint_every": 10, **train}))
 
@@ -70,8 +71,15 @@ def tokenizer_dir(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 
 @pytest.fixture(scope="session")
-def pretrained(corpus: Path, tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Trained:
-    cfg = pretrain_config(corpus, tokenizer_dir, tmp_path_factory.mktemp("pretrain"))
+def tokens(corpus: Path, tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The corpus as token shards (2 % of documents held out, by id): what pretraining reads."""
+    cfg = TokenizeConfig(dataset=corpus, tokenizer=tokenizer_dir, output_dir=tmp_path_factory.mktemp("tokens"))
+    return tokenize.run(cfg).tokens
+
+
+@pytest.fixture(scope="session")
+def pretrained(tokens: Path, tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    cfg = pretrain_config(tokens, tokenizer_dir, tmp_path_factory.mktemp("pretrain"))
     tracker = RecordingTracker()
     return Trained(cfg, pretrain.run(cfg, tracker=tracker), tracker)
 

@@ -31,6 +31,7 @@ from stages.pretrain import heldout_texts, token_stream
 from stages.rollout import Samples
 from stages.tasks import multiple_choice as mc
 from stages.tasks.multiple_choice import MMLUFormatError
+from stages.token_shards import TokenShards
 from stages.tracking import RecordingTracker
 
 from .conftest import Trained
@@ -154,7 +155,8 @@ def test_heldout_perplexity_matches_pretraining(corpus: Path, pretrained: Traine
 
 def test_heldout_split_is_pretrainings_along_the_lineage(corpus: Path, pretrained: Trained, sft_trained: Trained,
                                                          tmp_path: Path) -> None:
-    pretraining_tokens = np.load(Path(pretrained.cfg.output_dir) / "tokens" / "heldout.npy")
+    heldout = TokenShards(pretrained.cfg.tokens, "heldout")  # the held-out shards pretraining measured on
+    pretraining_tokens = heldout.read(0, len(heldout))
     tok = ckpt.load_tokenizer(pretrained.checkpoint)
     for trained in (pretrained, sft_trained):  # SFT's meta.json names pretraining as its parent
         cfg = EvaluateConfig(checkpoint=trained.checkpoint, dataset=corpus, output_dir=tmp_path)

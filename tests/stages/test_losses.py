@@ -458,10 +458,24 @@ def test_lm_loss_is_masked_next_token_cross_entropy(tiny_lm: LlamaForCausalLM) -
     assert loss2.item() == pytest.approx(loss.item(), rel=1e-6)
 
 
+def test_lm_loss_on_shifted_targets_scores_every_position(tiny_lm: LlamaForCausalLM) -> None:
+    # A token-shard window: seq_len inputs and their seq_len next tokens, none shifted away.
+    rows = torch.randint(0, 37, (3, 11), generator=torch.Generator().manual_seed(1))
+    loss, _ = lm_loss(tiny_lm, {"input_ids": rows[:, :-1], "targets": rows[:, 1:]})
+    with torch.no_grad():
+        logits = tiny_lm(input_ids=rows[:, :-1]).logits
+    ref = F.cross_entropy(logits.reshape(-1, 37), rows[:, 1:].reshape(-1))  # all 10 positions, no shift
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    # The same tokens read as one unshifted row of 11: causal, so the same 30 predictions.
+    full, _ = lm_loss(tiny_lm, {"input_ids": rows, "labels": rows})
+    assert full.item() == pytest.approx(loss.item(), rel=1e-5)
+
+
 def test_unigram_perplexity_hand_value() -> None:
     # Add-one counts of [0, 0, 1] over 3 types: p = [3, 2, 1] / 6; held-out [0, 2] -> exp(-(log 1/2 + log 1/6) / 2).
-    ppl = unigram_perplexity(np.array([0, 0, 1]), np.array([0, 2]), vocab_size=3)
+    ppl = unigram_perplexity(np.bincount([0, 0, 1], minlength=3), np.bincount([0, 2], minlength=3))
     assert ppl == pytest.approx(math.sqrt(12))
+    assert math.isnan(unigram_perplexity(np.bincount([0, 0, 1], minlength=3), np.zeros(3, dtype=np.int64)))  # none held out
 
 
 def test_windows_depend_only_on_seed_and_step() -> None:

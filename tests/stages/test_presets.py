@@ -103,8 +103,8 @@ def test_moe_loss_is_cross_entropy_plus_the_weighted_balancing_loss() -> None:
 
 
 def test_moe_preset_pretrains_and_saves_a_checkpoint_transformers_generates_from(
-        corpus: Path, tokenizer_dir: Path, tmp_path: Path) -> None:
-    base = pretrain_config(corpus, tokenizer_dir, tmp_path, max_steps=12, checkpoint_every=6)
+        tokens: Path, tokenizer_dir: Path, tmp_path: Path) -> None:
+    base = pretrain_config(tokens, tokenizer_dir, tmp_path, max_steps=12, checkpoint_every=6)
     cfg = dataclasses.replace(base, model=preset_model_config("moe-tiny"))
     tracker = RecordingTracker()
     result = pretrain.run(cfg, tracker=tracker)

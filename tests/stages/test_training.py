@@ -12,6 +12,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -25,6 +26,7 @@ from stages.grpo import GRPOConfig
 from stages.model import ModelConfig, build_model
 from stages.sft import SFTConfig
 from stages.tasks.arithmetic import target
+from stages.token_shards import ShardError, TokenShards
 from stages.tracking import RecordingTracker
 from stages.train_loop import TrainConfig, lr_at
 
@@ -88,7 +90,8 @@ def test_pretrain_checkpoint_contents(pretrained: Trained) -> None:
     assert not (final / ckpt.TRAINER_STATE).exists()  # the product carries no optimizer state
     meta = ckpt.read_meta(final)
     assert meta["stage"] == "pretrain" and meta["step"] == 30 and meta["parent"] is None
-    assert meta["config"] == to_dict(pretrained.cfg)
+    # The config, and the held-out fraction the shards were cut with: evaluate finds the split by it.
+    assert meta["config"] == {**to_dict(pretrained.cfg), "heldout_fraction": 0.02}
     assert meta["lineage"] == LINEAGE
     assert re.fullmatch(r"[0-9a-f]{40}|unknown", meta["git_commit"])
     assert {"train/loss", "eval/heldout/perplexity"} <= set(meta["metrics"])
@@ -125,13 +128,13 @@ class KillAtStep(RecordingTracker):
         super().log_metrics(metrics, step)
 
 
-def test_pretrain_resume_matches_uninterrupted_run(corpus: Path, tokenizer_dir: Path, tmp_path: Path) -> None:
+def test_pretrain_resume_matches_uninterrupted_run(tokens: Path, tokenizer_dir: Path, tmp_path: Path) -> None:
     train = {"max_steps": 6, "checkpoint_every": 3}
     straight = RecordingTracker()
-    pretrain.run(pretrain_config(corpus, tokenizer_dir, tmp_path / "a", **train), tracker=straight)
+    pretrain.run(pretrain_config(tokens, tokenizer_dir, tmp_path / "a", **train), tracker=straight)
 
     # Same config (so the same LR schedule), killed after the step-3 checkpoint, then run again.
-    cfg = pretrain_config(corpus, tokenizer_dir, tmp_path / "b", **train)
+    cfg = pretrain_config(tokens, tokenizer_dir, tmp_path / "b", **train)
     with pytest.raises(Killed):
         pretrain.run(cfg, tracker=KillAtStep(5))
     assert ckpt.latest_checkpoint(tmp_path / "b") == ckpt.step_dir(tmp_path / "b", 3)
@@ -147,6 +150,49 @@ def test_pretrain_resume_matches_uninterrupted_run(corpus: Path, tokenizer_dir: 
     assert a.keys() == b.keys()
     mismatched = [k for k in a if not torch.equal(a[k], b[k])]
     assert not mismatched, f"resumed weights differ from the uninterrupted run: {mismatched}"
+
+
+def test_pretrain_reads_the_token_shards(pretrained: Trained) -> None:
+    cfg = pretrained.cfg
+    train_split, heldout = TokenShards(cfg.tokens, "train"), TokenShards(cfg.tokens, "heldout")
+    # The batches are the shards' packed windows: a step's inputs are rows of the training stream.
+    batch = pretrain.shard_batch(train_split, 7, cfg.seq_len, cfg.batch_size, cfg.train.seed)
+    windows = train_split.window_indices(7, cfg.seq_len, cfg.batch_size, cfg.train.seed)
+    for row, w in zip(batch["input_ids"], windows, strict=True):
+        assert torch.equal(row, torch.from_numpy(train_split.read(w * cfg.seq_len, (w + 1) * cfg.seq_len)))
+    assert torch.equal(batch["targets"][:, :-1], batch["input_ids"][:, 1:])
+
+    # Held-out perplexity is the final model's on the held-out shards' first windows, not the training split's.
+    model = ckpt.load_model(pretrained.checkpoint).eval()
+    n = cfg.eval_windows * cfg.seq_len + 1
+    with torch.no_grad():
+        on_heldout = pretrain.heldout_perplexity(model, heldout.read(0, n), cfg.seq_len, cfg.eval_windows)
+        on_train = pretrain.heldout_perplexity(model, train_split.read(0, n), cfg.seq_len, cfg.eval_windows)
+    m = pretrained.result.metrics
+    assert m["eval/heldout/perplexity"] == pytest.approx(on_heldout, rel=1e-4)
+    assert on_train != pytest.approx(on_heldout, rel=1e-3)
+    # The unigram floor: the training split's counts, scored on every held-out token.
+    held = np.bincount(heldout.read(0, len(heldout)), minlength=train_split.vocab_size)
+    assert m["eval/heldout/unigram_perplexity"] == pytest.approx(
+        pretrain.unigram_perplexity(np.bincount(train_split.read(0, len(train_split)), minlength=len(held)), held))
+    assert pretrained.tracker.params["data/train_tokens"] == len(train_split) > 0 < len(heldout)
+
+
+def test_pretrain_on_a_truncated_shard_names_the_file(tokens: Path, tokenizer_dir: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(tokens, tmp_path / "tokens"))
+    shard = copy / json.loads((copy / "index.json").read_text())["splits"]["train"]["shards"][0]["file"]
+    shard.write_bytes(shard.read_bytes()[:-6])  # three uint16 tokens short
+    with pytest.raises(ShardError, match=rf"{re.escape(str(shard))}: truncated"):
+        pretrain.run(pretrain_config(copy, tokenizer_dir, tmp_path / "out"))
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_pretrain_refuses_shards_of_another_tokenizer(tokens: Path, tokenizer_dir: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(tokens, tmp_path / "tokens"))
+    index = json.loads((copy / "index.json").read_text())
+    (copy / "index.json").write_text(json.dumps({**index, "tokenizer_hash": "0" * 32}))
+    with pytest.raises(ValueError, match="tokenized by another tokenizer"):
+        pretrain.run(pretrain_config(copy, tokenizer_dir, tmp_path / "out"))
 
 
 def test_latest_checkpoint_ignores_half_written_directories(pretrained: Trained, tmp_path: Path) -> None:
@@ -367,7 +413,7 @@ def test_every_shipped_preset_loads(preset: str) -> None:
     assert set(cfg.sections) <= set(SECTIONS)
     model = cfg.build("model")
     assert model.hidden_size // model.num_heads >= 32  # servable by vLLM's CPU backend
-    pre = cfg.build("pretrain", dataset=Path("d"), tokenizer=Path("t"), output_dir=Path("o"))
+    pre = cfg.build("pretrain", tokens=Path("d"), tokenizer=Path("t"), output_dir=Path("o"))
     assert pre.model == model and pre.seq_len <= model.max_seq_len
 
 
@@ -375,7 +421,7 @@ def test_lifecycle_config_rejects_typos_and_wiring_keys() -> None:
     from flows.lifecycle_config import LifecycleConfig
 
     assert LifecycleConfig.load("tiny", ["pretrain.train.lr=3e-4"]).build(
-        "pretrain", dataset=Path("d"), tokenizer=Path("t"), output_dir=Path("o")).train.lr == 3e-4
+        "pretrain", tokens=Path("d"), tokenizer=Path("t"), output_dir=Path("o")).train.lr == 3e-4
     with pytest.raises(ConfigError, match=r"pretrain\.sequence_len .*seq_len"):
         LifecycleConfig.load("tiny", ["pretrain.sequence_len=64"])
     with pytest.raises(ConfigError, match=r"sft\.policy is set by the lifecycle"):
