@@ -19,7 +19,9 @@ A batch is a dict of int64 arrays with a leading batch dimension (`torch.from_nu
 `input_ids` and `targets` (the next tokens, already shifted: do not let a model shift them again),
 `segment_ids` (the index of each input token's document within its row, 0 for the first, so a
 document-causal attention mask is `causal & (seg[:, :, None] == seg[:, None, :])`), `position_ids`
-(restarting at 0 at each document start), and `window_index`.
+(restarting at 0 at each document start), and `window_index`. Pretraining (`stages.pretrain`)
+feeds only `input_ids` and `targets`: packed documents attend across boundaries there (why:
+`stages.pretrain.shard_batch`); the segment and position ids are for a consumer that masks.
 
 Opening checks every shard's size and reads its document offsets (8 bytes per document, held for
 the reader's life); tokens are mapped on first read, at most MAX_MAPS shards at a time. The window

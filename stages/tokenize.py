@@ -3,14 +3,14 @@
     flywheel stage tokenize dataset=data/clean tokenizer=<dir> output_dir=/tmp/tokens
 
 Each input shard `part-<k>.parquet` becomes, per split, `tokens/<split>/tokens-<k>.bin` (the
-documents' token ids back to back, each document followed by the document separator, raw uint16
-when every id fits, else uint32) and `tokens/<split>/docs-<k>.npy` (int64 offset of each document's
-first token in that shard). The split is by record id (`stages.dataset.is_heldout`, the same
-`heldout_fraction` semantics as pretrain's), so a document and every copy the mix made of it land
-on one side. `tokens/index.json` names dtype, vocabulary size, tokenizer hash, separator and every
-shard's file, token and document counts and md5 (DVC's hash); `stages.token_shards.TokenShards`
-reads it. `tokens/train/token_counts.npy` holds the training split's unigram counts, so the baseline
-perplexity needs no pass over the tokens.
+documents' token ids back to back, each document followed by the document separator, raw uint16 when
+every id fits, else uint32) and `tokens/<split>/docs-<k>.npy` (int64 offset of each document's first
+token in that shard). The split is by record id (`stages.dataset.is_heldout`, the split
+`stages.pretrain` measures perplexity on and records in its meta.json for the evaluate stage), so a
+document and every copy the mix made of it land on one side. `tokens/index.json` names dtype,
+vocabulary size, tokenizer hash, separator and every shard's file, token and document counts and md5
+(DVC's hash); `stages.token_shards.TokenShards` reads it. `tokens/train/token_counts.npy` holds the
+training split's unigram counts, so the baseline perplexity needs no pass over the tokens.
 
 Atomic and resumable: a worker writes its shard's files under `shards/` (keyed by the input shard's
 bytes, the tokenizer and the split) and its small `<key>.json` last, so a killed run re-tokenizes
@@ -51,7 +51,7 @@ class TokenizeConfig:
     dataset: Path  # a dataset directory (stages.dataset format)
     tokenizer: Path  # a tokenizer (or checkpoint) directory
     output_dir: Path
-    heldout_fraction: float = 0.02  # share of documents (by id) in the held-out split, as in pretrain
+    heldout_fraction: float = 0.02  # share of documents (by id) in the held-out split: pretraining's
     batch_rows: int = 1024  # documents per batch-encode call: bounds a worker's memory
 
     def __post_init__(self) -> None:
