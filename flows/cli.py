@@ -1,6 +1,7 @@
 """`flywheel`: the command line.
 
     flywheel run [--preset tiny] [section.key=value ...]     the whole lifecycle (services started if needed)
+    flywheel run --resume [RUN]                              go on with an interrupted run (default: the newest)
     flywheel stage NAME [--preset tiny] [key=value ...]      one stage, no orchestration, no services
     flywheel services up|status|down                         the embedded Prefect and MLflow servers and the worker
                                                              (status/down: also the annotation page and serving)
@@ -209,9 +210,35 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resumed(args: argparse.Namespace) -> int | None:
+    """`run --resume [RUN]`: the run's saved preset and overrides into `args`, or an exit status when
+    there is nothing to run. A different config is refused, never applied to a run half made with the old."""
+    from flows import run_record
+
+    try:
+        record = run_record.resolve(load_settings().runs_dir, args.resume)
+    except run_record.RunNotFound as err:
+        print(f"flywheel run --resume: {err}", file=sys.stderr)
+        return 1
+    if record.finished:
+        print(f"run {record.name} finished already (registered v{record.version}): nothing to do")
+        return 0
+    given = (args.preset or record.preset, list(args.overrides) or record.overrides)
+    if given != (record.preset, record.overrides):
+        print(f"flywheel run --resume: run {record.name} was started with --preset {record.preset} "
+              f"{' '.join(record.overrides)}; a resume runs that config: leave out --preset and the overrides, "
+              "or start a new run", file=sys.stderr)
+        return 2
+    args.preset, args.overrides, args.resume = record.preset, list(record.overrides), record.name
+    return None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.lifecycle_config import LifecycleConfig
 
+    if args.resume is not None and (status := _resumed(args)) is not None:
+        return status
+    args.preset = args.preset or "tiny"
     cfg = LifecycleConfig.load(args.preset, args.overrides)  # a typo fails before any server starts
     log_file = _setup_logging("run")
     from infra import ray_executor, services
@@ -222,7 +249,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from registry import models
 
     try:
-        summary = lifecycle(preset=args.preset, overrides=args.overrides)
+        summary = lifecycle(preset=args.preset, overrides=args.overrides, resume=args.resume)
     finally:
         ray_executor.shutdown()
     name = cfg.build("promote").model_name
@@ -288,8 +315,20 @@ def cmd_stage(args: argparse.Namespace) -> int:
     section = dict(preset.get(args.name, {}))
     if args.name == "pretrain":
         section["model"] = preset.get("model", {})
-    cfg = from_dict(klass, deep_merge(section, parse_overrides(args.overrides)))
-    if "mapper" in inspect.signature(module.run).parameters and not args.local:
+    overrides = parse_overrides(args.overrides)
+    ray_keys = overrides.pop("ray", None)
+    cfg = from_dict(klass, deep_merge(section, overrides))
+    if ray_keys is not None:
+        # ray.* keys run the stage on Ray Train workers through the flow's executor, over the preset's
+        # ray section: `ray.num_workers=2 ray.strategy=fsdp` means here what it means in `flywheel run`.
+        from infra import ray_executor
+
+        ray_cfg = from_dict(ray_executor.RayConfig, deep_merge(preset.get("ray") or {}, ray_keys), prefix="ray.")
+        try:
+            result = ray_executor.run_distributed(args.name, cfg, ray_cfg=ray_cfg)
+        finally:
+            ray_executor.shutdown()
+    elif "mapper" in inspect.signature(module.run).parameters and not args.local:
         # A shard-wise data stage: its shards run as Ray tasks (RAY_ADDRESS, or a local Ray), as in the flow.
         from infra import ray_executor, ray_map
 
@@ -404,7 +443,10 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flywheel", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the whole lifecycle")
-    run.add_argument("--preset", default="tiny")
+    run.add_argument("--preset", default=None, help="default: tiny (with --resume: the run's own)")
+    run.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN",
+                     help="go on with an interrupted run (a folder name under the runs dir; default: the newest "
+                          "unfinished run), with the preset and overrides it started with")
     run.add_argument("overrides", nargs="*", metavar="section.key=value")
     run.set_defaults(fn=cmd_run)
     stage = sub.add_parser("stage", help="run one stage, no orchestration")

@@ -20,6 +20,7 @@ import importlib
 import inspect
 import logging
 import math
+import pickle
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -32,14 +33,14 @@ from prefect.runtime import flow_run
 
 from mlflow import MlflowClient
 
-from flows import datasets
+from flows import datasets, run_record
 from flows.lifecycle_config import LifecycleConfig
 from flows.serving import serve_flow
 from infra import ray_executor, ray_map
 from infra.settings import load_settings
 from registry import data_versions, model_card, models
 from registry import gate as gates
-from registry.tracking import end_run, run_context, start_run
+from registry.tracking import end_run, reopen_run, run_context, start_run
 from stages.checkpoint import git_commit
 from stages.evaluate import read_items
 from stages.validate import raise_for_failures
@@ -65,6 +66,10 @@ class RunContext:
     def out(self, name: str) -> Path:
         return self.run_dir / name
 
+    def done(self, name: str) -> Path:
+        """Where a finished stage leaves its (result, MLflow run id): what a resumed run reuses."""
+        return self.run_dir / ".done" / f"{name}.pkl"
+
 
 def _finite(metrics: dict[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
@@ -73,8 +78,18 @@ def _finite(metrics: dict[str, float]) -> dict[str, float]:
 @task(retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE, task_run_name="{name}")
 def run_stage(name: str, cfg: Any, ctx: RunContext, run_name: str | None = None,
               ray_cfg: ray_executor.RayConfig | None = None) -> tuple[Any, str]:
-    """Run one stage under its own MLflow run (nested in the lifecycle's); returns (result, run id)."""
+    """Run one stage under its own MLflow run (nested in the lifecycle's); returns (result, run id).
+
+    A stage this lifecycle run finished before (a resumed run) is not run again: its recorded result
+    and run id come back as they were, so the lineage names the runs that made the artifacts.
+    """
     logger = get_run_logger()
+    done = ctx.done(run_name or name)
+    if done.is_file():
+        # our own file in our own run folder, written below: trusted like the checkpoints beside it
+        result, run_id = pickle.loads(done.read_bytes())
+        logger.info("%s finished in an earlier attempt of this run (MLflow run %s): skipped", run_name or name, run_id)
+        return result, run_id
     tags = {"stage": name, "prefect.flow_run_id": str(flow_run.id or ""), **ctx.lineage}
     with run_context(ctx.mlflow_uri, EXPERIMENT, run_name or name, parent_run_id=ctx.parent_run_id,
                      tags=tags) as tracker:
@@ -93,6 +108,9 @@ def run_stage(name: str, cfg: Any, ctx: RunContext, run_name: str | None = None,
     shown = ", ".join(f"{k}={v:.4g}" for k, v in _finite(result.metrics).items()
                       if k.startswith(("eval/", "data/rows", "train/loss", "rl/")))
     logger.info("%s done in %.1f s: %s", run_name or name, seconds, shown)
+    done.parent.mkdir(exist_ok=True)
+    done.with_suffix(".tmp").write_bytes(pickle.dumps((result, tracker.run_id)))
+    done.with_suffix(".tmp").replace(done)
     return result, tracker.run_id
 
 
@@ -289,6 +307,9 @@ def promote_flow(cfg: LifecycleConfig, ctx: RunContext, checkpoint: Path, scored
     if missing:
         raise KeyError(f"gate metrics {missing} were not measured (measured: {', '.join(sorted(scored.metrics))})")
     client = MlflowClient(tracking_uri=ctx.mlflow_uri, registry_uri=ctx.mlflow_uri)
+    registered = registered_by(client, promote.model_name, ctx.parent_run_id)  # by an earlier attempt of this run
+    if registered is not None and models.gate_state(registered.tags) != "none":
+        return _decided(client, promote.model_name, registered)
     try:
         expected = models.champion_version(client, promote.model_name)  # also records any hand move
     except models.ModelNotFound:
@@ -304,10 +325,11 @@ def promote_flow(cfg: LifecycleConfig, ctx: RunContext, checkpoint: Path, scored
 
     logger = get_run_logger()
     with run_context(ctx.mlflow_uri, EXPERIMENT, "register", parent_run_id=ctx.parent_run_id,
-                     tags={"stage": "register", **ctx.lineage}) as tracker:
+                     tags={"stage": "register", **ctx.lineage},
+                     run_id=None if registered is None else registered.run_id) as tracker:
         metric_tags = {f"eval.{k}": repr(v) for k, v in scored.metrics.items()}
-        version = models.register_checkpoint(tracker.client, promote.model_name, checkpoint, tracker.run_id,
-                                             tags={**ctx.lineage, **metric_tags})
+        version = str(registered.version) if registered is not None else models.register_checkpoint(
+            tracker.client, promote.model_name, checkpoint, tracker.run_id, tags={**ctx.lineage, **metric_tags})
         if scored.alarms:  # the training stages' alarms came with meta.json; evaluation's are added here
             models.record_alarms(tracker.client, promote.model_name, version, list(scored.alarms))
         try:
@@ -328,6 +350,31 @@ def promote_flow(cfg: LifecycleConfig, ctx: RunContext, checkpoint: Path, scored
     return Promotion(version, passed, champion, verdicts)
 
 
+def registered_by(client: MlflowClient, name: str, lifecycle_run_id: str) -> Any:
+    """The version this lifecycle run registered (its `lifecycle.run_id` lineage tag), or None."""
+    found = client.search_model_versions(f"name = '{name}' and tags.`lifecycle.run_id` = '{lifecycle_run_id}'")
+    return max(found, key=lambda mv: int(mv.version), default=None)
+
+
+def _decided(client: MlflowClient, name: str, mv: Any) -> Promotion:
+    """The promote phase of a resumed run whose gate had already decided: its decision, not a second one.
+
+    Only a kill between the gate's record and the alias move leaves a passed version that is not
+    champion: the move is made now, against the champion the gate compared with.
+    """
+    version, tags = str(mv.version), dict(mv.tags)
+    passed = models.gate_state(tags) == "passed"
+    if passed and models.champion_version(client, name) != version \
+            and not any(e.to_version == version for e in models.champion_history(client, name)):
+        try:
+            models.set_champion(client, name, version, by="gate", reason=tags.get("gate.reason", ""),
+                                expected=tags.get("gate.champion_version") or None)
+        except models.ChampionChanged as err:
+            get_run_logger().warning("not promoted: %s", err)
+    get_run_logger().info("%s v%s was registered and gated by an earlier attempt of this run", name, version)
+    return Promotion(version, passed, models.champion_version(client, name), models.recorded_verdicts(tags))
+
+
 def _verdict(spec: gates.GateSpec, scored: Scored, mine: dict, theirs: dict | None, expected: str | None
              ) -> gates.GateVerdict:
     """The paired verdict; items that cannot be paired (another tokenizer's windows) fail closed."""
@@ -342,17 +389,57 @@ def _verdict(spec: gates.GateSpec, scored: Scored, mine: dict, theirs: dict | No
 
 
 @flow(name="lifecycle", log_prints=True, validate_parameters=False)
-def lifecycle(preset: str = "tiny", overrides: list[str] | None = None) -> dict[str, Any]:
-    """The whole loop on one preset. Parameters are editable from the Prefect UI."""
-    cfg = LifecycleConfig.load(preset, overrides)  # fails fast on any config typo
+def lifecycle(preset: str = "tiny", overrides: list[str] | None = None, resume: str | None = None) -> dict[str, Any]:
+    """The whole loop on one preset. Parameters are editable from the Prefect UI.
+
+    `resume`: a run folder's name, or `latest` for the newest unfinished run: that run goes on where it
+    stopped, with its saved config (not `preset`/`overrides`), in its folder and its MLflow parent run.
+    Stages it finished come back as they were (`run_stage`), the interrupted one resumes from its newest
+    checkpoint, and a version it registered is not registered again (`promote_flow`). A finished run
+    is left as it is.
+    """
     s = load_settings()
-    mlflow_uri = s.required_mlflow_uri()
-    stamp, commit = time.strftime("%Y%m%d-%H%M%S"), git_commit()
-    parent = start_run(mlflow_uri, EXPERIMENT, f"lifecycle-{stamp}",
-                       tags={"prefect.flow_run_id": str(flow_run.id or ""), "git.commit": commit, "preset": preset})
-    parent.log_params({"preset": preset, **cfg.sections})
-    ctx = RunContext(run_dir=s.runs_dir / stamp, mlflow_uri=mlflow_uri, parent_run_id=parent.run_id,
-                     lineage={"lifecycle.run_id": parent.run_id, "git.commit": commit, "preset": preset})
+    if resume is None:
+        cfg = LifecycleConfig.load(preset, overrides)  # fails fast on any config typo
+        record = run_record.create(s.runs_dir, preset, overrides, git_commit())
+    else:
+        record = run_record.resolve(s.runs_dir, resume)
+        if record.finished:
+            get_run_logger().info("run %s finished already (registered v%s): nothing to do", record.name,
+                                  record.version)
+            return {"version": record.version, "champion": record.champion or None, "run_dir": str(record.run_dir),
+                    "mlflow_run_id": record.mlflow_run_id, "finished_before": True}
+        if (preset, list(overrides or [])) != (record.preset, record.overrides):
+            # A deployment passes its own defaults: the saved config is the one that made the run's outputs.
+            get_run_logger().warning("resuming %s with its saved config (--preset %s %s), not the one given",
+                                     record.name, record.preset, " ".join(record.overrides))
+        cfg = LifecycleConfig.load(record.preset, record.overrides)
+    with run_record.hold(record.run_dir):
+        record, parent = _parent_run(record, cfg, s.required_mlflow_uri())
+        return _lifecycle(cfg, record, parent)
+
+
+def _parent_run(record: run_record.RunRecord, cfg: LifecycleConfig, mlflow_uri: str
+                ) -> tuple[run_record.RunRecord, Any]:
+    """The run's MLflow parent run: reopened when the record names one, else started (and recorded)."""
+    if record.mlflow_run_id:
+        if (commit := git_commit()) != record.git_commit:
+            get_run_logger().warning("resuming %s, started at commit %s, with the code of %s", record.name,
+                                     record.git_commit, commit)
+        parent = reopen_run(mlflow_uri, record.mlflow_run_id)
+        parent.set_tags({"prefect.resumed_by_flow_run_id": str(flow_run.id or "")})
+        return run_record.update(record, status="running"), parent
+    parent = start_run(mlflow_uri, EXPERIMENT, f"lifecycle-{record.name}",
+                       tags={"prefect.flow_run_id": str(flow_run.id or ""), "git.commit": record.git_commit,
+                             "preset": record.preset})
+    parent.log_params({"preset": record.preset, **cfg.sections})
+    return run_record.update(record, mlflow_run_id=parent.run_id), parent
+
+
+def _lifecycle(cfg: LifecycleConfig, record: run_record.RunRecord, parent: Any) -> dict[str, Any]:
+    mlflow_uri, stamp, preset = parent.tracking_uri, record.name, record.preset
+    ctx = RunContext(run_dir=record.run_dir, mlflow_uri=mlflow_uri, parent_run_id=parent.run_id,
+                     lineage={"lifecycle.run_id": parent.run_id, "git.commit": record.git_commit, "preset": preset})
     timings: dict[str, float] = {}
 
     def phase(name, fn, *args):
@@ -390,9 +477,11 @@ def lifecycle(preset: str = "tiny", overrides: list[str] | None = None) -> dict[
             serving = phase("serve", serve_flow, cfg.build("promote").model_name, mlflow_uri, serve.timeout_s)
     except Exception:
         end_run(parent, "FAILED")
+        run_record.update(record, status="failed")
         raise
     except BaseException:  # ^C: stopped, not broken
         end_run(parent, "KILLED")
+        run_record.update(record, status="killed")
         raise
     scores = {label: s.metrics for label, s in scored.items()}
     parent.log_metrics({**{f"{k}/{stage}": v for stage, m in scores.items() for k, v in m.items()},
@@ -400,6 +489,7 @@ def lifecycle(preset: str = "tiny", overrides: list[str] | None = None) -> dict[
     parent.set_tags({"registered.version": promotion.version, "gate.passed": str(promotion.passed).lower(),
                      "champion.version": promotion.champion or ""})
     end_run(parent, "FINISHED")
+    run_record.finish(record, promotion.version, promotion.champion)
     name = cfg.build("promote").model_name
     champion_tags = (MlflowClient(tracking_uri=mlflow_uri, registry_uri=mlflow_uri)
                      .get_model_version(name, promotion.champion).tags if promotion.champion else {})

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import (
@@ -137,6 +137,23 @@ def start_run(
     return tracker
 
 
+def reopen_run(tracking_uri: str, run_id: str) -> MLflowTracker:
+    """An existing run, RUNNING again: a resumed lifecycle logs into the run it started with.
+
+    Its child runs still RUNNING were left by a process that was killed: they become KILLED, so the
+    UI shows each attempt's end (the stage's retry opens a run of its own).
+    """
+    tracker = MLflowTracker(tracking_uri, run_id)
+    client = tracker.client
+    run = client.get_run(run_id)  # raises if the run is gone
+    client.update_run(run_id, status="RUNNING")
+    stale = client.search_runs([run.info.experiment_id], run_view_type=ViewType.ACTIVE_ONLY,
+                               filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}' and attributes.status = 'RUNNING'")
+    for child in stale:
+        client.set_terminated(child.info.run_id, status="KILLED")
+    return tracker
+
+
 def end_run(tracker: MLflowTracker, status: str = "FINISHED") -> None:
     """Mark the run terminated: FINISHED, FAILED or KILLED."""
     RunStatus.from_string(status)  # raises on a typo rather than storing garbage
@@ -150,9 +167,14 @@ def run_context(
     run_name: str,
     parent_run_id: str | None = None,
     tags: dict | None = None,
+    run_id: str | None = None,
 ) -> Iterator[MLflowTracker]:
-    """`start_run` ... `end_run`: FINISHED on success, FAILED if the block raises, KILLED on ^C."""
-    tracker = start_run(tracking_uri, experiment, run_name, parent_run_id, tags)
+    """`start_run` ... `end_run`: FINISHED on success, FAILED if the block raises, KILLED on ^C.
+
+    With `run_id`, that existing run is reopened (`reopen_run`) instead of a new one started.
+    """
+    tracker = start_run(tracking_uri, experiment, run_name, parent_run_id, tags) if run_id is None else \
+        reopen_run(tracking_uri, run_id)
     try:
         yield tracker
     except Exception:
