@@ -1,9 +1,12 @@
-"""Run a stage as a data-parallel group of Ray Train workers (DDP over gloo on CPU, NCCL on GPU).
+"""Run a stage as a data-parallel group of Ray Train workers (gloo on CPU, NCCL on GPU).
 
 The stage itself knows nothing of Ray: Ray Train starts the workers and initialises
 `torch.distributed`; the stage's training loop sees an initialised process group and wraps its model
-in DDP. A worker that dies makes Ray restart the group (`max_failures`), and the stage resumes from
-its newest checkpoint on disk, losing at most the steps since then.
+in DDP, or shards it with FSDP2 under `ray.strategy=fsdp` (handed to the loop as `train.strategy`).
+A worker that dies makes Ray restart the group (`max_failures`), and the stage resumes from its
+newest checkpoint on disk, losing at most the steps since then; so does the same command re-run
+after the whole run (driver and workers) was killed. Under FSDP that checkpoint is written by every
+rank into the stage's `output_dir`, which must then be storage all workers share.
 
 The result comes back through Ray Train's own storage, not the workers' disks, which on a cluster the
 driver cannot see: rank 0 reports a Ray checkpoint holding the stage's final HF checkpoint and its
@@ -22,6 +25,7 @@ import importlib
 import logging
 import os
 import pickle
+import resource
 import shutil
 import tempfile
 import time
@@ -51,8 +55,11 @@ class RayConfig:
     use_gpu: str = "auto"  # auto: one GPU per worker when the cluster has GPUs
     cpus_per_worker: float = 1.0
     max_failures: int = 1  # restarts of the worker group; each resumes from the last checkpoint
+    strategy: str = "ddp"  # ddp: every worker holds the whole model; fsdp: weights, grads, optimizer sharded
 
     def __post_init__(self) -> None:
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"ray.strategy must be ddp or fsdp, got {self.strategy!r}")
         if self.num_workers < 1:
             raise ValueError(f"ray.num_workers must be >= 1, got {self.num_workers}")
         if self.use_gpu not in ("auto", "on", "off"):
@@ -137,6 +144,7 @@ def _worker(config: dict[str, Any]) -> None:
     else:
         # The stage's own time, so that worker start-up and hand-back count as platform overhead.
         result.metrics["time/stage_s"] = time.perf_counter() - started
+        result.metrics["memory/worker_peak_rss_mb"] = _max_peak_rss_mb()
         metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
     if torch.distributed.get_rank() != 0:
         ray.train.report(metrics)  # report() is a barrier: every rank calls it, as often as rank 0
@@ -152,6 +160,24 @@ def _worker(config: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(staging)))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _max_peak_rss_mb() -> float:
+    """The largest peak resident memory of any worker process (a collective: every rank calls it)."""
+    mine = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024])  # KiB on Linux
+    torch.distributed.all_reduce(mine, op=torch.distributed.ReduceOp.MAX)
+    return float(mine)
+
+
+def with_strategy(cfg: Any, ray_cfg: RayConfig) -> Any:
+    """The stage config with `ray.strategy` as its training loop's `train.strategy`, the one way the loop
+    (which never imports Ray) learns it; a stage without a training loop cannot be sharded."""
+    train = getattr(cfg, "train", None)
+    if train is None or not hasattr(train, "strategy"):
+        if ray_cfg.strategy != "ddp":
+            raise ConfigError(f"ray.strategy={ray_cfg.strategy} needs a stage with a training loop (train.*)")
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(train, strategy=ray_cfg.strategy))
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -196,6 +222,7 @@ def run_distributed(stage: str, cfg: Any, tracker: Any = None, ray_cfg: RayConfi
     checkpoint lies in `cfg.output_dir` on this machine wherever the workers ran."""
     ray_cfg = ray_cfg or RayConfig()
     check_world_size(cfg, ray_cfg, section=stage)
+    cfg = with_strategy(cfg, ray_cfg)
     s = settings or load_settings()
     ensure_ray(s)
     gpus = ray.cluster_resources().get("GPU", 0)
@@ -213,6 +240,7 @@ def run_distributed(stage: str, cfg: Any, tracker: Any = None, ray_cfg: RayConfi
                              # the stage keeps its own resumable checkpoints; Ray's holds only the product
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
-    log.info("%s: %d Ray worker(s), %s", stage, ray_cfg.num_workers, "GPU" if use_gpu else "CPU/gloo")
+    log.info("%s: %d Ray worker(s), %s, %s", stage, ray_cfg.num_workers, ray_cfg.strategy.upper(),
+             "GPU/NCCL" if use_gpu else "CPU/gloo")
     result = trainer.fit()
     return _result_from(result.checkpoint, out)

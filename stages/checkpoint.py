@@ -6,6 +6,12 @@
 Any of them loads with `AutoModelForCausalLM.from_pretrained(dir)`. Directories are written under a
 temporary name and renamed last, so a crash mid-save never leaves a checkpoint that looks complete.
 
+An FSDP run (every rank holds a shard of the weights and of the optimizer) writes its trainer state
+sharded instead, through `torch.distributed.checkpoint`: each rank writes its own shards into
+`sharded/` of the shared temporary directory, the coordinator writes `sharded/.metadata` once all
+have, rank 0 adds the HF files (gathered to a full state dict), meta.json and trainer_state.pt (the
+scheduler, RNG and step: no weights), and renames the directory last. Resume needs both markers.
+
 A LoRA/QLoRA policy (stages/lora.py) is saved merged (base + scale * B @ A, full precision) so the
 directory stays a plain model for every reader, with the adapter itself under `adapter/` (peft's
 format, for vLLM's LoRA hot-loading over the parent model).
@@ -23,6 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
@@ -33,6 +43,7 @@ hf_logging.disable_progress_bar()  # no "Writing model shards" bar on every chec
 
 META = "meta.json"
 TRAINER_STATE = "trainer_state.pt"
+SHARDED = "sharded"  # torch.distributed.checkpoint's files: one per rank, plus .metadata written last
 ADAPTER = "adapter"
 
 
@@ -54,15 +65,30 @@ def generation_config(tokenizer) -> GenerationConfig:
 
 
 def save_checkpoint(path: Path, model: PreTrainedModel, tokenizer, meta: dict[str, Any],
-                    trainer_state: dict[str, Any] | None = None) -> Path:
+                    trainer_state: dict[str, Any] | None = None,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write an HF directory + meta.json (+ trainer state) atomically at `path`; a peft model is written
-    merged, plus its adapter under `adapter/`."""
+    merged, plus its adapter under `adapter/`. `state_dict` (a sharded model's, gathered) replaces the
+    model's own tensors."""
     path = Path(path)
     tmp = atomic_dir(path)
+    _write(tmp, model, tokenizer, meta, trainer_state, state_dict)
+    commit_dir(tmp, path)
+    return path
+
+
+def _write(tmp: Path, model, tokenizer, meta: dict[str, Any], trainer_state: dict[str, Any] | None,
+           state_dict: dict[str, torch.Tensor] | None) -> None:
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
     plain = lora.merged(model)
     plain.generation_config = generation_config(tokenizer)
-    plain.save_pretrained(tmp, safe_serialization=True)
+    if state_dict is not None:
+        # A gathered state dict holds tied weights (lm_head = embeddings) as separate copies, which
+        # save_pretrained cannot recognise as one: keep the name it would keep.
+        aliases = ({n for n, _ in plain.named_parameters(remove_duplicate=False)}
+                   - {n for n, _ in plain.named_parameters()})
+        state_dict = {k: v for k, v in state_dict.items() if k not in aliases}
+    plain.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     if plain is not model:
         model.save_pretrained(tmp / ADAPTER, safe_serialization=True)
         meta = {**meta, "adapter": ADAPTER}
@@ -71,8 +97,42 @@ def save_checkpoint(path: Path, model: PreTrainedModel, tokenizer, meta: dict[st
     (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
     if trainer_state is not None:
         torch.save(trainer_state, tmp / TRAINER_STATE)
-    commit_dir(tmp, path)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A sharded model's weights gathered whole onto rank 0's CPU (other ranks get {}). Every rank must call it."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_sharded(path: Path, model: torch.nn.Module, tokenizer, meta: dict[str, Any],
+                 optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any]) -> Path:
+    """A resumable checkpoint of an FSDP run (every rank calls it): model and optimizer as each rank's
+    shards, plus the HF files of the whole model. `path` must be on storage every rank writes to."""
+    rank = dist.get_rank()
+    holder = [str(atomic_dir(path)) if rank == 0 else None]  # one temporary directory for all ranks
+    dist.broadcast_object_list(holder, src=0)
+    tmp = Path(holder[0])
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / SHARDED)
+    full = full_state_dict(model)
+    if rank == 0:
+        _write(tmp, model, tokenizer, meta, trainer_state, full)
+        commit_dir(tmp, path)
+    dist.barrier()  # no rank goes on (and maybe prunes or resumes) before the checkpoint is in place
     return path
+
+
+def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Restore model and optimizer from `save_sharded`'s shards (every rank calls it; DCP reshards if
+    the world size changed)."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=Path(path) / SHARDED)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def is_sharded(path: Path) -> bool:
+    return (Path(path) / SHARDED).is_dir()
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -83,15 +143,22 @@ def step_dir(output_dir: Path, step: int) -> Path:
     return Path(output_dir) / "checkpoints" / f"step-{step:06d}"
 
 
+def _is_resumable(path: Path) -> bool:
+    """Both completion markers: trainer_state.pt (written last before the rename) and, for a sharded
+    checkpoint, DCP's .metadata (written once every rank's shards are)."""
+    return (path / TRAINER_STATE).exists() and (not is_sharded(path) or (path / SHARDED / ".metadata").exists())
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
     """Newest complete resumable checkpoint (temporary directories never match the pattern)."""
     found = sorted((Path(output_dir) / "checkpoints").glob("step-[0-9]*"))
-    found = [p for p in found if (p / TRAINER_STATE).exists()]
+    found = [p for p in found if _is_resumable(p)]
     return found[-1] if found else None
 
 
 def prune_checkpoints(output_dir: Path, keep: int) -> None:
-    found = sorted((Path(output_dir) / "checkpoints").glob("step-[0-9]*"))
+    # Counted among complete checkpoints only: a stray incomplete one must not push a good one out.
+    found = sorted(p for p in (Path(output_dir) / "checkpoints").glob("step-[0-9]*") if _is_resumable(p))
     for old in found[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -10,7 +10,9 @@
   weighted by their share of the batch's tokens, so with `grad_accum > 1` the step still optimises
   the whole batch's token mean (the loss must be its micro-batch's token mean). Without it, rows weight.
 - Distributed data parallel comes for free when `torch.distributed` is initialised (Ray Train does
-  that for the pretraining workers): the model is wrapped in DDP and each rank takes its slice of
+  that for the pretraining workers): the model is wrapped in DDP, or with `strategy=fsdp` sharded
+  by FSDP2 (`fully_shard` per transformer block, then the root: weights, gradients and optimizer
+  states split across ranks; `ray.strategy` sets it), and each rank takes its slice of
   every batch. Every rank sees the whole global batch, so each weights its micro-batches by their
   share of the *global* batch's tokens and DDP's gradient mean is the global token mean, however
   unevenly the tokens fall. The logged loss and metrics are summed over ranks (each rank holds its
@@ -25,12 +27,15 @@
   schedule: data and LR stay functions of the step number, so a resumed run meets the same fault
   at the same step and stays exact, and the cosine still ends at `max_steps`. Under DDP the ranks
   sum their fault flags before deciding, so all of them skip or stop together.
-- Checkpoints hold the model (HF format), the optimizer, the scheduler, the RNG states and the trainable
-  parameters as the live module names them (so a LoRA adapter or a policy+value pair resumes without
-  special code); a resumed run reproduces an uninterrupted one step for step. A stage whose `final/`
-  already exists is returned as it is: a retry of a finished stage trains nothing and rewrites nothing.
+- Checkpoints hold the model (HF format), the optimizer, the scheduler, the RNG states (every rank's) and
+  the trainable parameters as the live module names them (so a LoRA adapter or a policy+value pair
+  resumes without special code); a resumed run reproduces an uninterrupted one step for step. Under
+  FSDP the model and optimizer are saved as each rank's shards (`checkpoint.save_sharded`), the HF
+  files gathered whole on rank 0. A stage whose `final/` already exists is returned as it is: a
+  retry of a finished stage trains nothing and rewrites nothing.
 - Every log window is a line of `<output_dir>/metrics.jsonl` (step and every logged value), so a run's
-  curve can be read without MLflow.
+  curve can be read without MLflow. Progress is a tqdm bar in a terminal; elsewhere (a Ray worker, CI,
+  a log file) one compact log line per window, since every bar refresh would become a line of its own.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from contextlib import AbstractContextManager, nullcontext
 from collections.abc import Callable
@@ -50,6 +56,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from stages import checkpoint as ckpt
@@ -90,6 +98,7 @@ class TrainConfig:
     spike_factor: float = 0.0  # > 1: a loss above spike_factor x the recent median is a fault; 0: off
     spike_warmup: int = 20  # steps before spikes are looked for (early losses fall steeply)
     spike_window: int = 50  # recent good steps whose median loss a spike is measured against
+    strategy: str = "ddp"  # with torch.distributed: "ddp" replicates the model, "fsdp" shards it (ray.strategy)
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -100,6 +109,8 @@ class TrainConfig:
             raise ValueError(f"train.compile must be auto, on or off, got {self.compile!r}")
         if self.grad_accum < 1 or self.checkpoint_every < 1:
             raise ValueError("train.grad_accum and train.checkpoint_every must be >= 1")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"train.strategy must be ddp or fsdp, got {self.strategy!r}")
         if self.on_fault not in ("stop", "skip"):
             raise ValueError(f"train.on_fault must be stop or skip, got {self.on_fault!r}")
         if not (self.spike_factor == 0 or self.spike_factor > 1):
@@ -320,6 +331,9 @@ def train(
     seed_everything(cfg.seed)
 
     model.to(device)
+    sharded = world > 1 and cfg.strategy == "fsdp"
+    if sharded:
+        shard_model(model)  # before the optimizer exists: FSDP2 replaces the parameters by DTensor shards
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     start = 0
@@ -328,10 +342,16 @@ def train(
     resume_from = ckpt.latest_checkpoint(output_dir)
     if resume_from is not None:
         state = ckpt.load_trainer_state(resume_from)
-        restore_trainable(model, state["trainable"])
-        optimizer.load_state_dict(state["optimizer"])
+        if ckpt.is_sharded(resume_from):
+            ckpt.load_sharded(resume_from, model, optimizer)
+        elif sharded:
+            raise ValueError(f"{desc}: {resume_from} was written by a replicated (DDP or single-process) run; "
+                             "resume it with ray.strategy=ddp or train in a new output_dir")
+        else:
+            restore_trainable(model, state["trainable"])
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        _set_rng_state(_own_rng(state, rank, world))
         start = state["step"]
         skipped = int(state.get("skipped_batches", 0))
         recent = list(state.get("recent_losses", []))
@@ -341,15 +361,19 @@ def train(
     raw_model = model
     if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
         model = torch.compile(model)
-    if world > 1:
+    if world > 1 and not sharded:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     peak = _peak_flops(device)
 
     history = _start_metrics_log(output_dir, start) if rank == 0 else []
     last: dict[str, float] = {}
+    # One place decides how progress shows: a bar in a terminal, else one line per log window.
+    show = rank == 0 and cfg.progress
+    as_lines = show and not _terminal()
     bar = tqdm(total=cfg.max_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True,
-               disable=rank != 0 or not cfg.progress, mininterval=1.0)
+               disable=not show or as_lines, mininterval=1.0)
+    window_from = start
     # Logged values are means over the steps since the last log line, not one noisy step.
     # Skipped steps stay out of the means (a NaN would poison the window) but not out of tokens/s.
     window_tokens, window_start, window_sums, window_steps = 0, time.perf_counter(), {}, 0
@@ -369,7 +393,7 @@ def train(
         for i, lo in enumerate(range(0, n, micro)):
             mb = {k: v.to(device, non_blocking=True) for k, v in _slice(local, lo, lo + micro).items()}
             is_last = lo + micro >= n
-            sync = model.no_sync() if (world > 1 and not is_last) else nullcontext()
+            sync = _grad_sync(model, raw_model, is_last)
             weight = micro_batch_weight(mb, global_batch, world)
             with sync, autocast(cfg, device):
                 loss, metrics = loss_fn(model, mb)
@@ -379,7 +403,8 @@ def train(
             for k, v in metrics.items():
                 step_metrics[k] = step_metrics.get(k, 0.0) + v * share
         window_tokens += sum(int(v.numel()) for k, v in global_batch.items() if k.endswith("input_ids"))
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # FSDP: a sharded norm
         total_loss, step_metrics, any_bad = _reduce_step(total_loss, step_metrics, grad_norm, world, device)
         done = step + 1
         reason = fault_reason(total_loss, grad_norm, recent, step, cfg)
@@ -407,6 +432,7 @@ def train(
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             elapsed = time.perf_counter() - window_start
             tps = window_tokens / max(elapsed, 1e-9)
+            steps_per_s, window_from = (done - window_from) / max(elapsed, 1e-9), done
             last = {**{k: v / window_steps for k, v in window_sums.items()},
                     "train/lr": scheduler.get_last_lr()[0], "train/tokens_per_s": tps,
                     "train/skipped_batches": float(skipped)}
@@ -426,6 +452,8 @@ def train(
                 if "rl/reward_mean" in last:  # an RL loss hovers near 0 by design; the reward is the news
                     shown["reward"] = f"{last['rl/reward_mean']:.3f}"
                 bar.set_postfix(shown)
+                if as_lines:
+                    log.info("%s", progress_line(desc, done, cfg.max_steps, last, steps_per_s))
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
             _save(ckpt.step_dir(output_dir, done), raw_model, tokenizer, {**meta, **(extra_meta() if extra_meta else {})},
                   optimizer, scheduler, done, rank, world,
@@ -437,12 +465,13 @@ def train(
     final_metrics = dict(last)
     if evaluate is not None:
         final_metrics.update(_run_eval(evaluate, raw_model))
+    full = ckpt.full_state_dict(raw_model) if sharded else None  # gathered onto rank 0: every rank takes part
     if rank == 0:
         if evaluate is not None:
             tracker.log_metrics({k: v for k, v in final_metrics.items() if k.startswith("eval/")}, step=cfg.max_steps)
         ckpt.save_checkpoint(ckpt.final_dir(output_dir), raw_model, tokenizer,
                              {**meta, **(extra_meta() if extra_meta else {}), "step": cfg.max_steps,
-                              "metrics": final_metrics})
+                              "metrics": final_metrics}, state_dict=full)
     if world > 1:
         dist.barrier()
     return TrainResult(step=cfg.max_steps, metrics=final_metrics, history=history)
@@ -488,12 +517,77 @@ def _stop(desc: str, step: int, reason: str, output_dir: Path, rank: int) -> Tra
 
 
 def _save(path, model, tokenizer, meta, optimizer, scheduler, step, rank, world, loop_state) -> None:
+    rngs = _gathered_rng(world)
+    state = {"scheduler": scheduler.state_dict(), "rng": rngs[0], "rng_by_rank": rngs, "step": step, **loop_state}
+    if isinstance(model, FSDPModule):  # every rank writes its shards of the model and optimizer
+        ckpt.save_sharded(path, model, tokenizer, {**meta, "step": step}, optimizer, state)
+        return
     if rank == 0:
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": _rng_state(), "step": step, "trainable": trainable_state(model), **loop_state}
+        state.update(optimizer=optimizer.state_dict(), trainable=trainable_state(model))
         ckpt.save_checkpoint(path, model, tokenizer, {**meta, "step": step}, trainer_state=state)
     if world > 1:
         dist.barrier()
+
+
+def _gathered_rng(world: int) -> list[dict[str, Any]]:
+    """Every rank's RNG state (a collective): ranks that draw differently (dropout on different rows)
+    each resume their own stream."""
+    if world == 1:
+        return [_rng_state()]
+    rngs: list[Any] = [None] * world
+    dist.all_gather_object(rngs, _rng_state())
+    return rngs
+
+
+def _own_rng(state: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
+    by_rank = state.get("rng_by_rank")
+    # Another world size (or a checkpoint from before per-rank states): rank 0's stream for all.
+    return by_rank[rank] if by_rank and len(by_rank) == world else state["rng"]
+
+
+def shard_model(model: torch.nn.Module) -> None:
+    """FSDP2 in place: each transformer block its own unit (its weights gathered just for its forward
+    and backward), then the root for what is left (embeddings, final norm, head)."""
+    blocks = set(getattr(model, "_no_split_modules", None) or ())  # HF names its block classes here
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module)
+    fully_shard(model)
+
+
+def _grad_sync(model: torch.nn.Module, raw_model: torch.nn.Module, is_last: bool) -> AbstractContextManager:
+    """Reduce gradients across ranks on a step's last micro-batch only (grad accumulation): DDP's
+    `no_sync` before it; FSDP2 has a switch instead, set before every backward."""
+    if isinstance(raw_model, FSDPModule):
+        raw_model.set_requires_gradient_sync(is_last)
+        return nullcontext()
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not is_last:
+        return model.no_sync()
+    return nullcontext()
+
+
+def _terminal() -> bool:
+    """Whether tqdm's stream (stderr) is a terminal; in a Ray worker or CI it is a pipe or a file."""
+    return sys.stderr.isatty()
+
+
+def progress_line(desc: str, done: int, total: int, last: dict[str, float], steps_per_s: float) -> str:
+    """One log window as one line, for output that is not a terminal.
+
+    >>> progress_line("pretrain", 20, 200, {"train/loss": 3.4121, "train/tokens_per_s": 12345.6}, 4.0)
+    'pretrain 20/200 (10%) loss 3.412 | 12,346 tok/s | 4.00 steps/s | ETA 0:00:45'
+    >>> progress_line("pretrain", 200, 200, {"train/tokens_per_s": 9e5, "train/mfu": 0.412}, 2.0)
+    'pretrain 200/200 (100%) loss skipped | 900,000 tok/s | MFU 41.2% | 2.00 steps/s | ETA 0:00:00'
+    """
+    loss = f"{last['train/loss']:.3f}" if "train/loss" in last else "skipped"
+    parts = [f"{desc} {done}/{total} ({100 * done // total}%) loss {loss}", f"{last['train/tokens_per_s']:,.0f} tok/s"]
+    if "rl/reward_mean" in last:
+        parts.append(f"reward {last['rl/reward_mean']:.3f}")
+    if "train/mfu" in last:
+        parts.append(f"MFU {100 * last['train/mfu']:.1f}%")
+    eta = round((total - done) / steps_per_s) if steps_per_s > 0 else 0
+    parts += [f"{steps_per_s:.2f} steps/s", f"ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}"]
+    return " | ".join(parts)
 
 
 

@@ -16,8 +16,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from flows import cli
 from infra import ray_executor
-from infra.ray_executor import RayConfig, check_world_size, run_distributed
+from infra.ray_executor import RayConfig, check_world_size, run_distributed, with_strategy
 from stages import collect, tokenize, tokenizer
 from stages.collect import CollectConfig
 from stages.config import ConfigError
@@ -58,6 +59,24 @@ def test_batch_smaller_than_world_is_refused_before_any_worker_starts(tmp_path: 
     # One row per rank is enough, and an uneven split is weighted by the loop, not refused.
     for batch in (2, 3):
         check_world_size(pretrain_cfg(tmp_path, batch_size=batch), RayConfig(num_workers=2))
+
+
+def test_ray_strategy_is_the_training_loops_strategy_in_the_flow_and_the_stage_command(tmp_path: Path, capsys) -> None:
+    cfg = pretrain_cfg(tmp_path)
+    sharded = with_strategy(cfg, RayConfig(strategy="fsdp"))
+    assert sharded.train.strategy == "fsdp" and sharded.train.max_steps == cfg.train.max_steps
+    assert with_strategy(cfg, RayConfig()).train.strategy == "ddp"
+    with pytest.raises(ConfigError, match="ray.strategy=fsdp needs a stage with a training loop"):
+        with_strategy(type("Cfg", (), {})(), RayConfig(strategy="fsdp"))
+
+    # `flywheel stage pretrain ... ray.*` goes through the same executor, over the preset's ray section:
+    # its num_workers=2 meets batch_size=1 and is refused there, before any Ray starts.
+    stage = ["stage", "pretrain", "tokens=/nonexistent", "tokenizer=/nonexistent", f"output_dir={tmp_path / 'o'}"]
+    assert cli.main([*stage, "batch_size=1", "ray.strategy=fsdp"]) == 2
+    assert "pretrain.batch_size=1 is smaller than ray.num_workers=2" in capsys.readouterr().err
+    assert cli.main([*stage, "ray.strategy=zero3"]) == 2
+    assert "ray.strategy must be ddp or fsdp" in capsys.readouterr().err
+    assert not ray.is_initialized()
 
 
 @pytest.mark.slow
