@@ -160,7 +160,7 @@ def heldout_perplexity(model: torch.nn.Module, tokens: np.ndarray, seq_len: int,
                        batch_size: int = 16) -> float:
     """Over consecutive windows of the held-out stream, as the evaluate stage's `heldout` task reads them."""
     n = min(max_windows, (len(tokens) - 1) // seq_len)
-    if n == 0:
+    if n <= 0:  # no held-out split (tokenize.heldout_fraction=0) or one shorter than a window
         return float("nan")
     device = next(model.parameters()).device
     windows = torch.from_numpy(tokens[: n * seq_len].reshape(n, seq_len).astype(np.int64))

@@ -27,7 +27,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from stages import dpo, grpo, rewards
 from stages.dpo import dpo_loss
 from stages.grpo import group_advantages, grpo_loss
-from stages.pretrain import lm_loss, unigram_perplexity, windows_at
+from stages.pretrain import heldout_perplexity, lm_loss, unigram_perplexity, windows_at
 from stages.rewards import combined, correctness, well_formatted
 
 
@@ -476,6 +476,12 @@ def test_unigram_perplexity_hand_value() -> None:
     ppl = unigram_perplexity(np.bincount([0, 0, 1], minlength=3), np.bincount([0, 2], minlength=3))
     assert ppl == pytest.approx(math.sqrt(12))
     assert math.isnan(unigram_perplexity(np.bincount([0, 0, 1], minlength=3), np.zeros(3, dtype=np.int64)))  # none held out
+
+
+def test_heldout_perplexity_without_heldout_tokens_is_nan(tiny_lm: LlamaForCausalLM) -> None:
+    for n in (0, 8):  # tokenize.heldout_fraction=0 leaves none; 8 tokens make no window of 8 + 1
+        assert math.isnan(heldout_perplexity(tiny_lm, np.arange(n), seq_len=8, max_windows=4))
+    assert math.isfinite(heldout_perplexity(tiny_lm, np.arange(9), seq_len=8, max_windows=4))
 
 
 def test_windows_depend_only_on_seed_and_step() -> None:
