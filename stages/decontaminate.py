@@ -38,11 +38,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from stages.config import to_dict
-from stages.dataset import (QuarantineLog, dataset_shards, finished_report, fingerprint, iter_records, write_dataset,
-                            write_jsonl, write_report)
+from stages.dataset import (QuarantineLog, dataset_shards, finished_report, fingerprint, iter_batches, write_jsonl,
+                            write_kept, write_report)
 from stages.minhash import WordHasher, ngram_hashes, words
 from stages.tasks import arithmetic
 from stages.tracking import NullTracker, Tracker
@@ -141,15 +142,21 @@ def eval_items(path: Path) -> Iterator[tuple[int, str, list[str]]]:
 
 
 def arithmetic_test_items(dataset: Path) -> Iterator[tuple[int, str, list[str]]]:
-    """The dataset's arithmetic test split, read column-wise (only the arithmetic rows' text)."""
+    """The dataset's arithmetic test split, read column-wise (only the arithmetic rows' text), a row group at a time."""
     index = 0
     for shard in dataset_shards(dataset):
-        table = pq.read_table(shard, columns=["id", "text", "source", "meta"], filters=[("source", "=", arithmetic.SOURCE)])
-        for rec in table.to_pylist():
-            meta = json.loads(rec["meta"]) if rec["meta"] else {}
-            if meta.get("split") == "test" and isinstance(rec["text"], str):
-                index += 1
-                yield index, rec["id"], [rec["text"]]
+        f = pq.ParquetFile(shard)
+        for group in range(f.num_row_groups):
+            # the source column first: most row groups of a real corpus hold no arithmetic row
+            sources = f.read_row_group(group, columns=["source"]).column("source")
+            if not pc.any(pc.equal(sources, arithmetic.SOURCE)).as_py():
+                continue
+            table = f.read_row_group(group, columns=["id", "text", "source", "meta"])
+            for rec in table.filter(pc.equal(table.column("source"), arithmetic.SOURCE)).to_pylist():
+                meta = json.loads(rec["meta"]) if rec["meta"] else {}
+                if meta.get("split") == "test" and isinstance(rec["text"], str):
+                    index += 1
+                    yield index, rec["id"], [rec["text"]]
 
 
 def build_index(sets: dict[str, tuple[Iterator[tuple[int, str, list[str]]], bool]], cfg: DecontaminateConfig,
@@ -223,8 +230,7 @@ def match_shard(task: ShardTask) -> ShardMatches:
     refs = np.load(Path(task.index_dir) / "refs.npy", mmap_mode="r")
     hasher = WordHasher()
     matches, invalid, exempt, row = [], [], 0, 0
-    for batch in pq.ParquetFile(task.path).iter_batches(batch_size=task.batch_rows,
-                                                         columns=["id", "text", "source", "meta"]):
+    for batch in iter_batches(task.path, task.batch_rows, columns=["id", "text", "source", "meta"]):
         for rec in batch.to_pylist():
             text = rec["text"]
             if not isinstance(text, str):
@@ -304,17 +310,9 @@ def run(cfg: DecontaminateConfig, tracker: Tracker | None = None, mapper=map) ->
         quarantined = quarantine.count
     contaminated_path = write_jsonl(listed, out / "contaminated.jsonl")
 
-    sources_in: Counter[str] = Counter()
-    sources_out: Counter[str] = Counter()
-
-    def kept_records():
-        for g, rec in enumerate(iter_records(cfg.input_dir, cfg.batch_rows)):
-            sources_in[rec["source"]] += 1
-            if g not in drop:
-                sources_out[rec["source"]] += 1
-                yield rec
-
-    rows_out = write_dataset(kept_records(), out / "dataset")
+    keep = np.ones(offset, dtype=bool)
+    keep[np.fromiter(drop, dtype=np.int64, count=len(drop))] = False
+    rows_out, sources_in, sources_out = write_kept(cfg.input_dir, keep, out / "dataset", cfg.batch_rows)
     shutil.rmtree(scratch, ignore_errors=True)
     by_eval = Counter(row["eval"] for row in listed)
     metrics = {"data/rows_in": float(offset), "data/rows_out": float(rows_out), "data/quarantined": float(quarantined),

@@ -5,13 +5,15 @@ Two passes over the corpus, each shard by shard:
 1. Per shard, through `mapper` (Ray tasks in the flows): every text's exact key (64-bit BLAKE2b of the
    text lowercased with whitespace collapsed) and its MinHash signature (stages/minhash.py: word
    5-grams, 128 permutations), returned as numpy arrays, never texts.
-2. On the driver, with memory proportional to documents x bands (8 bytes each) plus one root per
-   document: exact duplicates out, first kept; then each band of the surviving signatures is
+2. On the driver: exact duplicates out, first kept; then each band of the surviving signatures is
    sorted, documents sharing a band's bucket are candidate pairs, optionally verified by the
    estimated Jaccard similarity of their signatures (`jaccard_threshold`), and joined by union-find.
-   Each cluster keeps its first document in corpus order. Signatures wait for verification in a
-   scratch file under the output directory, read by memory map.
-3. The corpus is streamed once more to write the kept rows and the example clusters' snippets.
+   Each cluster keeps its first document in corpus order. Band hashes (one file per band) and
+   signatures wait in scratch files under the output directory (768 bytes a document at the
+   defaults); memory holds one band at a time and about 60 bytes a document (exact key, flags,
+   union-find parent, root, candidate index, one band column and its sort order).
+3. The corpus is streamed once more, in Arrow batches (`stages.dataset.write_kept`), to write the
+   kept rows and the example clusters' snippets.
 
 Defaults, and why: 128 permutations give a Jaccard estimate with standard deviation at most 0.044
 (sqrt(J(1-J)/128)); 32 bands of 4 rows make a pair at Jaccard 0.7 a candidate with probability
@@ -30,16 +32,16 @@ import hashlib
 import re
 import shutil
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from stages.config import to_dict
-from stages.dataset import (QuarantineLog, dataset_shards, finished_report, fingerprint, iter_records, match_key,
-                            write_dataset, write_report)
+from stages.dataset import (QuarantineLog, dataset_shards, finished_report, fingerprint, iter_batches, match_key,
+                            write_kept, write_report)
 from stages.minhash import MinHasher, WordHasher, band_hashes
 from stages.tasks import arithmetic
 from stages.tracking import NullTracker, Tracker
@@ -131,7 +133,7 @@ def signature_shard(task: ShardTask) -> ShardSignatures:
     hasher, minhash = WordHasher(), MinHasher(num_perm=task.num_perm, shingle_size=task.shingle_size, seed=task.seed)
     sigs, no_words, exact, invalid = [], [], [], []
     row = 0
-    for batch in pq.ParquetFile(task.path).iter_batches(batch_size=task.batch_rows, columns=["id", "text", "source"]):
+    for batch in iter_batches(task.path, task.batch_rows, columns=["id", "text", "source"]):
         ids, texts = batch.column("id").to_pylist(), batch.column("text").to_pylist()
         sources = batch.column("source").to_pylist()
         exempt = {s: match_key(s or "", task.exact_only_sources) is not None for s in set(sources)}
@@ -188,12 +190,15 @@ def exact_keep(keys: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return keep
 
 
-def near_clusters(bands: np.ndarray, candidates: np.ndarray, cfg: DedupConfig,
+def near_clusters(band_files: list[Path], n: int, candidates: np.ndarray, cfg: DedupConfig,
                   signatures: np.ndarray | None) -> UnionFind:
-    """Union-find over all rows, joining candidates that share a band bucket (and pass verification)."""
-    uf = UnionFind(len(bands))
-    for b in range(bands.shape[1]):
-        col = bands[candidates, b]
+    """Union-find over all `n` rows, joining candidates that share a band bucket (and pass verification).
+
+    `band_files[b]` holds band b's hash of every row (uint64, corpus order): one band in memory at a time.
+    """
+    uf = UnionFind(n)
+    for path in band_files:
+        col = np.fromfile(path, dtype=np.uint64)[candidates]
         order = np.argsort(col, kind="stable")  # stable: bucket members stay in corpus order
         sorted_col = col[order]
         edges = np.flatnonzero(sorted_col[1:] != sorted_col[:-1]) + 1
@@ -244,8 +249,13 @@ def run(cfg: DedupConfig, tracker: Tracker | None = None, mapper=map) -> DedupRe
 
     tasks = [ShardTask(str(s), cfg.shingle_size, cfg.num_perm, cfg.seed, cfg.batch_rows, cfg.exact_only_sources)
              for s in shards]
-    exact, no_words, valid, band_parts, offsets = [], [], [], [], [0]
-    with QuarantineLog(out / "quarantine.jsonl") as quarantine, open(scratch / "signatures.u32", "wb") as sig_file:
+    exact, no_words, valid, offsets = [], [], [], [0]
+    # Band hashes (8 bytes x bands a document) and signatures (4 bytes x num_perm) wait on disk: what
+    # stays in memory is about 60 bytes a document (keys, flags, union-find, one band being sorted).
+    band_files = [scratch / f"band-{b:03d}.u64" for b in range(cfg.bands)] if cfg.near else []
+    with (QuarantineLog(out / "quarantine.jsonl") as quarantine, open(scratch / "signatures.u32", "wb") as sig_file,
+          ExitStack() as stack):
+        band_out = [stack.enter_context(open(path, "wb")) for path in band_files]
         for shard, res in zip(shards, mapper(signature_shard, tasks), strict=True):
             ok = np.ones(res.rows, dtype=bool)
             for bad in res.invalid:
@@ -255,7 +265,8 @@ def run(cfg: DedupConfig, tracker: Tracker | None = None, mapper=map) -> DedupRe
             no_words.append(res.no_words)
             valid.append(ok)
             if cfg.near:
-                band_parts.append(band_hashes(res.signatures, cfg.bands, cfg.rows))
+                for f, column in zip(band_out, band_hashes(res.signatures, cfg.bands, cfg.rows).T, strict=True):
+                    f.write(np.ascontiguousarray(column).tobytes())
             if verify:
                 sig_file.write(np.ascontiguousarray(res.signatures).tobytes())
             offsets.append(offsets[-1] + res.rows)
@@ -270,7 +281,7 @@ def run(cfg: DedupConfig, tracker: Tracker | None = None, mapper=map) -> DedupRe
         candidates = np.flatnonzero(keep & ~np.concatenate(no_words))
         signatures = (np.memmap(scratch / "signatures.u32", dtype=np.uint32, mode="r", shape=(n, cfg.num_perm))
                       if verify and n else None)
-        uf = near_clusters(np.concatenate(band_parts), candidates, cfg, signatures)
+        uf = near_clusters(band_files, n, candidates, cfg, signatures)
         roots[candidates] = [uf.find(int(i)) for i in candidates]
         del signatures
     near_dup = keep & (roots != np.arange(n))
@@ -282,22 +293,16 @@ def run(cfg: DedupConfig, tracker: Tracker | None = None, mapper=map) -> DedupRe
     histogram = {str(k): v for k, v in sorted(Counter(sizes.tolist()).items())}
     top = np.lexsort((cluster_roots, -sizes))[: cfg.examples]
     example_members = {int(r): [int(r)] + np.flatnonzero(roots == r).tolist()[1:5] for r in cluster_roots[top]}
-    wanted = {m for ms in example_members.values() for m in ms}
+    wanted = np.array(sorted({m for ms in example_members.values() for m in ms}), dtype=np.int64)
     seen: dict[int, tuple[str, str]] = {}
 
-    sources_in: Counter[str] = Counter()
-    sources_out: Counter[str] = Counter()
+    def note_examples(offset: int, table) -> None:
+        lo, hi = np.searchsorted(wanted, [offset, offset + table.num_rows])
+        for g in wanted[lo:hi].tolist():
+            seen[g] = (table.column("id")[g - offset].as_py(), snippet(table.column("text")[g - offset].as_py()))
 
-    def kept_records():
-        for g, rec in enumerate(iter_records(cfg.input_dir, cfg.batch_rows)):
-            sources_in[rec["source"]] += 1
-            if g in wanted:
-                seen[g] = (rec["id"], snippet(rec["text"]))
-            if keep[g]:
-                sources_out[rec["source"]] += 1
-                yield rec
-
-    rows_out = write_dataset(kept_records(), out / "dataset")
+    rows_out, sources_in, sources_out = write_kept(cfg.input_dir, keep, out / "dataset", cfg.batch_rows,
+                                                   on_batch=note_examples)
     examples = [{"size": int(sizes[i]), "ids": [seen[m][0] for m in example_members[int(cluster_roots[i])]],
                  "snippets": [seen[m][1] for m in example_members[int(cluster_roots[i])]]} for i in top]
     shutil.rmtree(scratch, ignore_errors=True)

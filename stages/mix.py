@@ -25,7 +25,8 @@ its share within its epoch cap delivers what the cap allows: the budget is not r
 other sources (`shortfall_tokens` in the report says how much is missing).
 
 Two streaming passes over the shards (count, then sample), each shard a task of `mapper`: memory is
-bounded by one batch of records plus a fixed-size histogram per source, whatever the corpus size.
+bounded by one row group and one batch of records plus a fixed-size histogram per source, whatever
+the corpus size; output shards close at `shard_rows` rows or 64 MB of text (`stages.dataset.ShardWriter`).
 
 The LLaMA mixture (Touvron et al. 2023, table 1), for sources named by connector and folder, e.g.
 `folder:web`, `file:c4`: `weights='{"*:web": 0.67, "*:c4": 0.15, "*:code": 0.045, ...}'` is
@@ -50,8 +51,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages.config import to_dict
-from stages.dataset import (EPOCH_SUFFIX, SCHEMA, QuarantineLog, atomic_dir, base_id, commit_dir, dataset_shards,
-                            finished_report, fingerprint, match_key, write_atomically, write_report)
+from stages.dataset import (EPOCH_SUFFIX, SCHEMA, QuarantineLog, ShardWriter, as_dataset_table, atomic_dir, base_id,
+                            commit_dir, dataset_shards, finished_report, fingerprint, iter_batches, match_key,
+                            write_atomically, write_report)
 from stages.tracking import NullTracker, Tracker
 
 # LLaMA (Touvron et al. 2023, table 1): share of the training tokens and epochs trained per source.
@@ -75,7 +77,7 @@ class MixConfig:
     unlisted: str = "keep"  # sources not in weights: "keep" (natural share) or "drop"
     tokenizer: Path | None = None  # a tokenizer directory; None = UTF-8 bytes / 4
     seed: int = 0  # another seed, another (equally sized) sample
-    shard_rows: int = 50_000  # rows per output shard at most
+    shard_rows: int = 50_000  # rows per output shard at most (and 64 MB of text)
 
     def __post_init__(self) -> None:
         for key, w in self.weights.items():
@@ -210,7 +212,7 @@ def count_shard(task: CountTask) -> ShardCount:
     bad: list[dict[str, Any]] = []
     counts: list[np.ndarray] = []
     row = 0
-    for batch in pq.ParquetFile(task.shard).iter_batches(batch_size=BATCH_ROWS, columns=["id", "text", "source", "meta"]):
+    for batch in iter_batches(task.shard, BATCH_ROWS, columns=["id", "text", "source", "meta"]):
         cols = batch.to_pydict()
         texts = [t if isinstance(t, str) else "" for t in cols["text"]]
         tokens = count_tokens(texts, task.tokenizer)
@@ -328,45 +330,42 @@ class SampleTask:
 
 
 def sample_shard(task: SampleTask) -> dict[str, list[int]]:
-    """Write this shard's share of the mixture; returns source -> [docs out, tokens out, rows in, rows kept]."""
+    """Write this shard's share of the mixture; returns source -> [docs out, tokens out, rows in, rows kept].
+
+    Rows stay in Arrow: only id, source and meta become Python objects, the kept rows (and their
+    copies) are taken from the batch and streamed to the output shards.
+    """
     tokens = np.load(task.cache)
     stats: dict[str, list[int]] = {}
-    pending: list[dict[str, Any]] = []
-    written = 0
-
-    def flush() -> None:
-        nonlocal pending, written
-        pq.write_table(pa.Table.from_pylist(pending, schema=SCHEMA), f"{task.out_prefix}-{written:05d}.parquet")
-        written += 1
-        pending = []
-
+    writer = ShardWriter(task.out_prefix.parent, task.out_prefix.name, shard_rows=task.shard_rows)
     row = 0
-    for batch in pq.ParquetFile(task.shard).iter_batches(batch_size=BATCH_ROWS):
-        for rec in batch.to_pylist():
+    for batch in iter_batches(task.shard, BATCH_ROWS):
+        table = as_dataset_table(batch)
+        cols = table.select(["id", "source", "meta"]).to_pydict()
+        take: list[int] = []
+        ids: list[str] = []
+        for i, (rid, source, meta) in enumerate(zip(cols["id"], cols["source"], cols["meta"], strict=True)):
             n_tokens = int(tokens[row])
             row += 1
             if n_tokens < 0:  # quarantined in pass 1
                 continue
-            rec.setdefault("url", "")
-            if rec.get("url") is None:
-                rec["url"] = ""
-            if is_protected(rec.get("meta")):
+            if is_protected(meta):
                 n = 1
-                s = stats.setdefault(f"\x00protected:{rec['source']}", [0, 0, 0, 0])
+                s = stats.setdefault(f"\x00protected:{source}", [0, 0, 0, 0])
             else:
-                n = task.plans[rec["source"]].copies(hash_unit(rec["id"], task.seed))
-                s = stats.setdefault(rec["source"], [0, 0, 0, 0])
+                n = task.plans[source].copies(hash_unit(rid, task.seed))
+                s = stats.setdefault(source, [0, 0, 0, 0])
             s[2] += 1
             s[3] += n > 0
-            for epoch in range(1, n + 1):
-                pending.append({**rec, "id": copy_id(rec["id"], epoch)})
-                s[0] += 1
-                s[1] += n_tokens
-            # Copies sit in the same shard as their original: a shard grows at most max_epochs times.
-            if len(pending) >= task.shard_rows:
-                flush()
-    if pending:
-        flush()
+            for epoch in range(1, n + 1):  # a document's copies follow it
+                take.append(i)
+                ids.append(copy_id(rid, epoch))
+            s[0] += n
+            s[1] += n * n_tokens
+        if take:
+            kept = table.take(pa.array(take, type=pa.int64()))
+            writer.write(kept.set_column(0, "id", pa.array(ids, type=pa.string())))
+    writer.close(empty_shard=False)
     return stats
 
 
