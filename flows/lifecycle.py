@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import logging
 import math
 import pickle
@@ -308,7 +309,7 @@ def promote_flow(cfg: LifecycleConfig, ctx: RunContext, checkpoint: Path, scored
         raise KeyError(f"gate metrics {missing} were not measured (measured: {', '.join(sorted(scored.metrics))})")
     client = MlflowClient(tracking_uri=ctx.mlflow_uri, registry_uri=ctx.mlflow_uri)
     registered = registered_by(client, promote.model_name, ctx.parent_run_id)  # by an earlier attempt of this run
-    if registered is not None and models.gate_state(registered.tags) != "none":
+    if registered is not None and _gate_decided(registered.tags):
         return _decided(client, promote.model_name, registered)
     try:
         expected = models.champion_version(client, promote.model_name)  # also records any hand move
@@ -354,6 +355,18 @@ def registered_by(client: MlflowClient, name: str, lifecycle_run_id: str) -> Any
     """The version this lifecycle run registered (its `lifecycle.run_id` lineage tag), or None."""
     found = client.search_model_versions(f"name = '{name}' and tags.`lifecycle.run_id` = '{lifecycle_run_id}'")
     return max(found, key=lambda mv: int(mv.version), default=None)
+
+
+def _gate_decided(tags: dict[str, str]) -> bool:
+    """Whether `models.record_gate` wrote its whole decision; a kill part-way through leaves a record
+    the resumed run's gate overwrites (the alias moves only after the record is whole)."""
+    try:
+        metrics = json.loads(tags.get("gate.metrics") or "")
+    except ValueError:
+        return False
+    whole = "gate.at" in tags and all(f"gate.{m}.reason" in tags for m in metrics)  # the last tags written
+    return whole and models.gate_state(tags) == ("passed" if gates.all_passed(models.recorded_verdicts(tags))
+                                                 else "failed")
 
 
 def _decided(client: MlflowClient, name: str, mv: Any) -> Promotion:

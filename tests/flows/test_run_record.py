@@ -1,8 +1,9 @@
-"""Which run `flywheel run --resume` picks, and what it refuses, without any server."""
+"""Which run `flywheel run --resume` picks, what it refuses, and what it takes as already decided."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -39,3 +40,29 @@ def test_resume_picks_the_newest_unfinished_run_that_nobody_runs(tmp_path, monke
     assert "--preset tiny sft.train.max_steps=2" in capsys.readouterr().err
     assert cli.main(["run", "--resume", "nope"]) == 1
     assert json.loads((old.run_dir / run_record.RUN_FILE).read_text())["status"] == "running"
+
+
+def test_a_gate_record_cut_short_by_a_kill_is_not_taken_for_the_decision(mlflow_uri):
+    """A resumed promote phase reuses its gate's decision only if `record_gate` wrote all of it."""
+    from mlflow import MlflowClient
+
+    from flows.lifecycle import _gate_decided
+    from registry import models
+    from registry.gate import GateVerdict
+
+    client = MlflowClient(mlflow_uri, registry_uri=mlflow_uri)
+    client.create_registered_model("m")
+    run = client.create_run(client.create_experiment("x"))
+    version = client.create_model_version("m", source=f"runs:/{run.info.run_id}/hf_model", run_id=run.info.run_id).version
+    assert not _gate_decided(client.get_model_version("m", version).tags)  # never gated
+    verdict = GateVerdict(metric="eval/heldout/nll", passed=True, value=5.0, higher_is_better=False, margin=0.0,
+                          floor=None, confidence=0.95, champion_version=None, n=0, diff=None, stderr=None,
+                          ci_low=None, ci_high=None, reason="no champion to compare: passes")
+    models.record_gate(client, "m", version, [verdict], None)
+    tags = client.get_model_version("m", version).tags
+    assert _gate_decided(tags) and tags["gate.passed"] == "true"
+    assert not _gate_decided({**tags, "gate.passed": "false"})  # killed before its last write
+    assert not _gate_decided({k: v for k, v in tags.items() if not k.endswith(".reason")})  # killed mid-way
+    failed = client.create_model_version("m", source=f"runs:/{run.info.run_id}/hf_model", run_id=run.info.run_id).version
+    models.record_gate(client, "m", failed, [replace(verdict, passed=False)], None)
+    assert _gate_decided(client.get_model_version("m", failed).tags)  # a failed gate is a decision too
