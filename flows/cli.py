@@ -223,6 +223,9 @@ def _resumed(args: argparse.Namespace) -> int | None:
     if record.finished:
         print(f"run {record.name} finished already (registered v{record.version}): nothing to do")
         return 0
+    if run_record.busy(record.run_dir):
+        print(f"flywheel run --resume: run {record.name} is being run by another process right now", file=sys.stderr)
+        return 1
     given = (args.preset or record.preset, list(args.overrides) or record.overrides)
     if given != (record.preset, record.overrides):
         print(f"flywheel run --resume: run {record.name} was started with --preset {record.preset} "

@@ -39,6 +39,9 @@ def test_resume_picks_the_newest_unfinished_run_that_nobody_runs(tmp_path, monke
     assert cli.main(["run", "--resume", old.name, "--preset", "small"]) == 2
     assert "--preset tiny sft.train.max_steps=2" in capsys.readouterr().err
     assert cli.main(["run", "--resume", "nope"]) == 1
+    with run_record.hold(old.run_dir):
+        assert cli.main(["run", "--resume", old.name]) == 1
+    assert "is being run by another process" in capsys.readouterr().err
     assert json.loads((old.run_dir / run_record.RUN_FILE).read_text())["status"] == "running"
 
 
