@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/data_memory.py --corpus-mb 2500 --limit-mb 1024     # full run (root, cgroup v1)
     .venv/bin/python benchmarks/data_memory.py --small                              # smoke test: 60 MB, 400 MB limit
+    .venv/bin/python benchmarks/data_memory.py --limit-mb 600 --start-from DATASET  # decontaminate -> mix only
 
 Corpus: JSONL files (`--file-mb` each) of generated documents of about `--doc-kb` KB, each a random
 sample of lines of ../shared/datasets/tinyshakespeare/input.txt in random order: real words and
@@ -16,6 +17,11 @@ are inside the limit; the cgroup is removed afterwards. Stages are the real ones
 natural shares sampled to about half the tokens clean kept), `mapper=map`. Clean's C4 line rule
 removes most Shakespeare lines (no terminal punctuation), so later stages carry about a third of the
 characters but nearly all the rows.
+
+`--start-from DATASET` runs only decontaminate -> mix on an existing dataset directory (for example a
+run's `out/collect/dataset` or `out/dedup/dataset`), under the same kind of limit: the two stages
+that cost the most time on this machine, measured without rerunning clean. Its "corpus" is the
+dataset's text (the Parquet footers' uncompressed size of the text column).
 
 Measured: the child reports when each stage starts and ends; the parent samples every 0.2 s the RSS
 of the child's process tree and the cgroup's own accounting (`memory.stat` rss, and
@@ -38,6 +44,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -84,7 +92,7 @@ def build_corpus(work: Path, corpus_mb: int, file_mb: int, doc_kb: float, seed: 
 # --- the chain, in the limited child -----------------------------------------------------------------
 
 
-def chain(work: Path, out: Path, progress: Path, filters: str = "all") -> None:
+def chain(work: Path, out: Path, progress: Path, filters: str = "all", start: Path | None = None) -> None:
     from stages import clean, collect, decontaminate, dedup, mix
 
     def mark(stage: str, event: str, **extra: Any) -> None:
@@ -92,8 +100,11 @@ def chain(work: Path, out: Path, progress: Path, filters: str = "all") -> None:
             f.write(json.dumps({"stage": stage, "event": event, "t": time.time(), **extra}) + "\n")
 
     shutil.rmtree(out, ignore_errors=True)
-    files = tuple(str(p) for p in sorted((work / "jsonl").glob("*.jsonl")))
     evals = tuple(p for p in [DATASETS / "gsm8k" / "test.jsonl"] if p.is_file())
+    if start is not None:  # --start-from: decontaminate and mix only, from an existing dataset
+        tail(start, out, evals, mark)
+        return
+    files = tuple(str(p) for p in sorted((work / "jsonl").glob("*.jsonl")))
     mark("collect", "start")
     r = collect.run(collect.CollectConfig(output_dir=out / "collect", builtin_text=False, arithmetic_problems=0,
                                           files=files, id_field="id"))
@@ -110,13 +121,30 @@ def chain(work: Path, out: Path, progress: Path, filters: str = "all") -> None:
     mark("dedup", "start")
     r = dedup.run(dedup.DedupConfig(input_dir=r.dataset, output_dir=out / "dedup"))
     mark("dedup", "end", metrics=r.metrics)
+    tail(r.dataset, out, evals, mark, target_tokens)
+
+
+def tail(dataset: Path, out: Path, evals: tuple[Path, ...], mark, target_tokens: int | None = None) -> None:
+    """decontaminate -> mix; without `target_tokens`, about half the tokens of `dataset` (UTF-8 bytes / 8)."""
+    from stages import decontaminate, mix
+    from stages.dataset import dataset_shards
+
+    if target_tokens is None:
+        target_tokens = sum(text_bytes(s) for s in dataset_shards(dataset)) // 8
     mark("decontaminate", "start")
-    r = decontaminate.run(decontaminate.DecontaminateConfig(input_dir=r.dataset, output_dir=out / "decontaminate",
+    r = decontaminate.run(decontaminate.DecontaminateConfig(input_dir=dataset, output_dir=out / "decontaminate",
                                                             eval_files=evals))
     mark("decontaminate", "end", metrics=r.metrics)
     mark("mix", "start")
     r = mix.run(mix.MixConfig(input_dir=r.dataset, output_dir=out / "mix", target_tokens=target_tokens))
     mark("mix", "end", metrics=r.metrics)
+
+
+def text_bytes(shard: Path) -> int:
+    """The text column's uncompressed size from the Parquet footer (text plus 4 bytes a row), read without the data."""
+    meta = pq.ParquetFile(shard).metadata
+    col = meta.schema.names.index("text")
+    return sum(meta.row_group(g).column(col).total_uncompressed_size for g in range(meta.num_row_groups))
 
 
 # --- cgroup and sampling in the parent ----------------------------------------------------------------
@@ -194,9 +222,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--filters", choices=("all", "gopher"), default="all",
                     help="clean with every filter, or Gopher quality only (same shard-wise memory, ~5x faster)")
+    ap.add_argument("--start-from", type=Path, default=None, metavar="DATASET",
+                    help="run decontaminate -> mix only, on this existing dataset directory (e.g. a previous "
+                         "run's out/dedup/dataset); the corpus size reported is then that dataset's")
     args = ap.parse_args(argv)
     if args.worker:
-        chain(args.work, args.work / "out", args.work / "progress.jsonl", args.filters)
+        tail_run = "-tail" if args.start_from else ""
+        chain(args.work, args.work / f"out{tail_run}", args.work / f"progress{tail_run}.jsonl", args.filters,
+              args.start_from)
         return {}
     if not (DATASETS / "tinyshakespeare" / "input.txt").is_file():
         sys.exit(f"needs {DATASETS}/tinyshakespeare/input.txt")
@@ -206,7 +239,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.corpus_mb, args.limit_mb, args.file_mb = 60, 400, 30
     args.work.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    corpus = build_corpus(args.work, args.corpus_mb, args.file_mb, args.doc_kb, args.seed)
+    if args.start_from:
+        from stages.dataset import dataset_shards
+
+        shards = dataset_shards(args.start_from)
+        size = sum(text_bytes(s) for s in shards)
+        corpus = {"dataset": str(args.start_from), "bytes": size, "mb": size / 1e6, "files": len(shards),
+                  "documents": sum(pq.ParquetFile(s).metadata.num_rows for s in shards),
+                  "note": "bytes = the text column's uncompressed Parquet size"}
+    else:
+        corpus = build_corpus(args.work, args.corpus_mb, args.file_mb, args.doc_kb, args.seed)
     print(f"corpus: {corpus['documents']} docs, {corpus['mb']:.0f} MB in {corpus['files']} files "
           f"({time.perf_counter() - t:.0f} s)", flush=True)
     limit = args.limit_mb * 2**20
@@ -215,20 +257,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if cg is None:
         print(f"skipped: {why} (needs root and cgroup v1's memory controller)")
         return {"skipped": why}
-    progress = args.work / "progress.jsonl"
+    progress = args.work / ("progress-tail.jsonl" if args.start_from else "progress.jsonl")
     progress.unlink(missing_ok=True)
     procs = cg / "cgroup.procs"
 
     def enter_cgroup() -> None:  # runs in the child between fork and exec: imports count too
         procs.write_text(str(os.getpid()))
 
-    log = open(args.work / "chain.log", "w")
+    log = open(args.work / ("chain-tail.log" if args.start_from else "chain.log"), "w")
     start = time.time()
     load_before = os.getloadavg()
     peaks: dict[str, dict[str, float]] = {}
     try:
         proc = subprocess.Popen([sys.executable, __file__, "--worker", "--work", str(args.work), "--filters",
-                                 args.filters], stdout=log,
+                                 args.filters, *(["--start-from", str(args.start_from)] if args.start_from else [])],
+                                stdout=log,
                                 stderr=subprocess.STDOUT, cwd=REPO, preexec_fn=enter_cgroup,
                                 env={**os.environ, "PYTHONPATH": str(REPO)})
         done = threading.Event()
@@ -267,11 +310,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             stage_s[e["stage"]] = e["t"] - starts[e["stage"]]
             m = e["metrics"]
             rows[e["stage"]] = {"in": m.get("data/rows_in"), "out": m.get("data/rows_out")}
-    completed = rc == 0 and all(s in stage_s for s in STAGES)
+    stages = STAGES[3:] if args.start_from else STAGES
+    completed = rc == 0 and all(s in stage_s for s in stages)
     failed_in = None if completed else current_stage(progress)
     table_rows = [[s, f"{stage_s[s]:.0f}" if s in stage_s else "-", rows.get(s, {}).get("in", "-"),
                    rows.get(s, {}).get("out", "-"), peaks.get(s, {}).get("tree_rss_mb", float("nan")),
-                   peaks.get(s, {}).get("cgroup_rss_mb", float("nan"))] for s in STAGES]
+                   peaks.get(s, {}).get("cgroup_rss_mb", float("nan"))] for s in stages]
     table = markdown_table(["stage", "wall s", "rows in", "rows out", "peak tree RSS MB", "peak cgroup rss MB"],
                            table_rows)
     peak = max((p["tree_rss_mb"] for p in peaks.values()), default=0.0)
@@ -280,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{args.limit_mb} MB limit: {'completed' if completed else f'FAILED in {failed_in} (rc {rc})'}; "
           f"peak tree RSS {peak:.0f} MB, wall {wall:.0f} s, oom kills {cg_info['oom_kills']}")
     if not completed:
-        print((args.work / "chain.log").read_text()[-2000:])
+        print(Path(log.name).read_text()[-2000:])
     payload = {"corpus": corpus, "limit_mb": args.limit_mb, "filters": args.filters, "completed": completed, "returncode": rc,
                "failed_in": failed_in, "wall_s": wall, "stage_s": stage_s, "rows": rows, "peaks": peaks,
                "peak_tree_rss_mb": peak, "cgroup": cg_info, "table": table,

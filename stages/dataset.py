@@ -93,8 +93,9 @@ class ShardWriter:
     """Dataset shards `<prefix>-00000.parquet, ...` in `directory`, written from SCHEMA tables as they come.
 
     A shard closes at `shard_rows` rows or `shard_bytes` of text, whichever comes first (the row that
-    reaches the byte limit is the shard's last); rows reach the file in row groups of about
-    ROW_GROUP_BYTES of text. Memory is one row group plus the table being written, whatever the shard size.
+    reaches the byte limit is the shard's last); rows reach the file in row groups that close once
+    they hold ROW_GROUP_BYTES of text (so below twice that plus one written table). Memory is one row
+    group plus the table being written, whatever the shard size.
     """
 
     def __init__(self, directory: Path, prefix: str = "part", shard_rows: int = 50_000,
@@ -220,6 +221,9 @@ def write_kept(input_dir: Path, keep: np.ndarray, out_dir: Path, batch_rows: int
     and a row group whatever the corpus size. `on_batch(offset, table)` sees every input batch (its
     first row's corpus index). Returns (rows written, Counter of sources in, Counter of sources kept).
     """
+    rows_in = sum(pq.ParquetFile(shard).metadata.num_rows for shard in dataset_shards(input_dir))
+    if rows_in != len(keep):
+        raise ValueError(f"write_kept: {input_dir} has {rows_in} rows, the mask {len(keep)}")
     tmp = atomic_dir(out_dir)
     writer = ShardWriter(tmp)
     sources_in: Counter = Counter()
@@ -234,8 +238,6 @@ def write_kept(input_dir: Path, keep: np.ndarray, out_dir: Path, batch_rows: int
             on_batch(offset, table)
         writer.write(table.filter(pa.array(mask, type=pa.bool_())))
         offset += table.num_rows
-    if offset != len(keep):
-        raise ValueError(f"write_kept: {input_dir} has {offset} rows, the mask {len(keep)}")
     rows = writer.close()
     commit_dir(tmp, Path(out_dir))
     return rows, sources_in, sources_out

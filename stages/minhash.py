@@ -108,6 +108,30 @@ def ngram_hashes(word_hash: np.ndarray, n: int) -> np.ndarray:
     return splitmix64(acc)
 
 
+def ngram_hashes_by_length(word_hash: np.ndarray, lengths: Sequence[int]) -> dict[int, np.ndarray]:
+    """`{n: ngram_hashes(word_hash, n)}` for several n at once, in max(lengths) passes instead of sum(lengths).
+
+    The n-gram sum of n terms is the (n-1)-gram's plus one term, so each length's hashes are a prefix
+    of one running sum (decontamination checks 13 words and every whole eval-text length per document).
+
+    >>> wh = WordHasher()(words("a b c d e f g"))
+    >>> got = ngram_hashes_by_length(wh, [2, 5, 9])
+    >>> all(np.array_equal(got[n], ngram_hashes(wh, n)) for n in (2, 5, 9)), len(got[9])
+    (True, 0)
+    """
+    wanted = set(lengths)
+    if max(wanted, default=0) > len(_MIX):
+        raise ValueError(f"n must be <= {len(_MIX)}, got {max(wanted)}")
+    out = {n: np.empty(0, dtype=np.uint64) for n in wanted}
+    length = len(word_hash)
+    acc = np.zeros(length, dtype=np.uint64)
+    for j in range(min(max(wanted, default=0), length)):
+        acc[:length - j] += word_hash[j:] * _MIX[j]
+        if j + 1 in wanted:
+            out[j + 1] = splitmix64(acc[:length - j] + np.uint64(j + 1))
+    return out
+
+
 def shingles(word_hash: np.ndarray, n: int) -> np.ndarray:
     """The distinct n-gram hashes of a document; a document of 1..n-1 words is one shingle of all its words."""
     if len(word_hash) == 0:
