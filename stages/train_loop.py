@@ -45,6 +45,7 @@ import logging
 import math
 import os
 import random
+import resource
 import sys
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -438,6 +439,7 @@ def train(
                     "train/skipped_batches": float(skipped)}
             if peak and flops_per_token:
                 last["train/mfu"] = tps * flops_per_token / (peak * world)
+            last.update(_peak_memory_mb(device, world))
             faults, window_faults = window_faults, []
             window_tokens, window_start, window_sums, window_steps = 0, time.perf_counter(), {}, 0
             if evaluate is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
@@ -527,6 +529,18 @@ def _save(path, model, tokenizer, meta, optimizer, scheduler, step, rank, world,
         ckpt.save_checkpoint(path, model, tokenizer, {**meta, "step": step}, trainer_state=state)
     if world > 1:
         dist.barrier()
+
+
+def _peak_memory_mb(device: torch.device, world: int) -> dict[str, float]:
+    """The largest rank's peak memory so far (a collective): host RSS, and on CUDA the allocator's peak.
+    Logged before the window's checkpoint, so it is training's own, not a save's."""
+    values = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]  # KiB on Linux
+    if device.type == "cuda":
+        values.append(torch.cuda.max_memory_allocated(device) / 2**20)
+    peaks = torch.tensor(values, dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+    return dict(zip(("memory/peak_rss_mb", "memory/peak_gpu_mb"), peaks.tolist()))
 
 
 def _gathered_rng(world: int) -> list[dict[str, Any]]:

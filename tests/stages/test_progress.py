@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from stages import pretrain
+from stages.train_loop import read_metrics_log
 from .conftest import pretrain_config
 
 
@@ -23,4 +24,7 @@ def test_progress_is_one_line_per_log_window_off_a_terminal(tokens: Path, tokeni
         assert re.fullmatch(r"pretrain \d/6 \(\d+%\) loss \d+\.\d{3} \| [\d,]+ tok/s \| [\d.]+ steps/s \| "
                             r"ETA \d+:\d\d:\d\d", line), line
     assert lines[-1].endswith("ETA 0:00:00")
+    # Each window also records the peak memory so far (what the DDP vs FSDP benchmark reads).
+    peaks = [row["memory/peak_rss_mb"] for row in read_metrics_log(tmp_path / "pt")]
+    assert len(peaks) == 3 and peaks == sorted(peaks) and peaks[0] > 50
     assert "pretrain:" not in capsys.readouterr().err  # no tqdm bar ("pretrain: 33%|...") beside the lines
