@@ -17,6 +17,7 @@ and on a cluster without the stage importing Ray.
 
 from __future__ import annotations
 
+import ctypes
 import fnmatch
 import hashlib
 import itertools
@@ -241,6 +242,21 @@ def write_kept(input_dir: Path, keep: np.ndarray, out_dir: Path, batch_rows: int
     rows = writer.close()
     commit_dir(tmp, Path(out_dir))
     return rows, sources_in, sources_out
+
+
+def release_memory() -> None:
+    """Hand freed heap pages back to the OS, between stages and shards that run in one process.
+
+    Arrow's allocator (mimalloc) and glibc's malloc keep what was freed for their own reuse, and one
+    cannot reuse the other's: measured after `clean` on two 64 MB shards, RSS 572 MB with nothing
+    alive; 273 MB after Arrow's release, 218 MB after glibc's `malloc_trim`. Without this, dedup
+    running after clean in one process was OOM-killed under a 640 MB limit it fits in alone.
+    """
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim this way
+        pass
 
 
 def dataset_shards(path: Path) -> list[Path]:

@@ -42,8 +42,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from stages.config import to_dict
-from stages.dataset import (QuarantineLog, dataset_shards, finished_report, fingerprint, iter_batches, write_jsonl,
-                            write_kept, write_report)
+from stages.dataset import (QuarantineLog, dataset_shards, finished_report, fingerprint, iter_batches, release_memory,
+                            write_jsonl, write_kept, write_report)
 from stages.minhash import WordHasher, ngram_hashes, ngram_hashes_by_length, words
 from stages.tasks import arithmetic
 from stages.tracking import NullTracker, Tracker
@@ -282,6 +282,7 @@ def run(cfg: DecontaminateConfig, tracker: Tracker | None = None, mapper=map) ->
     scratch = out / ".work"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
+    release_memory()  # what the previous stage in this process left in the allocators
 
     sets: dict[str, Iterator] = {}
     if cfg.builtin_tasks:
@@ -309,6 +310,7 @@ def run(cfg: DecontaminateConfig, tracker: Tracker | None = None, mapper=map) ->
                                "eval_id": item["id"], "ngram": m["ngram"]})
             exempt += res.exempt
             offset += res.rows
+            release_memory()
         quarantined = quarantine.count
     contaminated_path = write_jsonl(listed, out / "contaminated.jsonl")
 

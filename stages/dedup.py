@@ -41,7 +41,7 @@ import numpy as np
 
 from stages.config import to_dict
 from stages.dataset import (QuarantineLog, dataset_shards, finished_report, fingerprint, iter_batches, match_key,
-                            write_kept, write_report)
+                            release_memory, write_kept, write_report)
 from stages.minhash import MinHasher, WordHasher, band_hashes
 from stages.tasks import arithmetic
 from stages.tracking import NullTracker, Tracker
@@ -246,6 +246,7 @@ def run(cfg: DedupConfig, tracker: Tracker | None = None, mapper=map) -> DedupRe
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
     verify = cfg.near and cfg.jaccard_threshold is not None
+    release_memory()  # what the previous stage in this process left in the allocators
 
     tasks = [ShardTask(str(s), cfg.shingle_size, cfg.num_perm, cfg.seed, cfg.batch_rows, cfg.exact_only_sources)
              for s in shards]
@@ -270,6 +271,8 @@ def run(cfg: DedupConfig, tracker: Tracker | None = None, mapper=map) -> DedupRe
             if verify:
                 sig_file.write(np.ascontiguousarray(res.signatures).tobytes())
             offsets.append(offsets[-1] + res.rows)
+            del res
+            release_memory()
         quarantined = quarantine.count
     n = offsets[-1]
     exact_keys, valid_rows = np.concatenate(exact), np.concatenate(valid)
@@ -301,6 +304,7 @@ def run(cfg: DedupConfig, tracker: Tracker | None = None, mapper=map) -> DedupRe
         for g in wanted[lo:hi].tolist():
             seen[g] = (table.column("id")[g - offset].as_py(), snippet(table.column("text")[g - offset].as_py()))
 
+    release_memory()
     rows_out, sources_in, sources_out = write_kept(cfg.input_dir, keep, out / "dataset", cfg.batch_rows,
                                                    on_batch=note_examples)
     examples = [{"size": int(sizes[i]), "ids": [seen[m][0] for m in example_members[int(cluster_roots[i])]],

@@ -53,7 +53,7 @@ import pyarrow.parquet as pq
 from stages.config import to_dict
 from stages.dataset import (EPOCH_SUFFIX, SCHEMA, QuarantineLog, ShardWriter, as_dataset_table, atomic_dir, base_id,
                             commit_dir, dataset_shards, finished_report, fingerprint, iter_batches, match_key,
-                            write_atomically, write_report)
+                            release_memory, write_atomically, write_report)
 from stages.tracking import NullTracker, Tracker
 
 # LLaMA (Touvron et al. 2023, table 1): share of the training tokens and epochs trained per source.
@@ -410,6 +410,7 @@ def run(cfg: MixConfig, tracker: Tracker | None = None,
     work = out / ".work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    release_memory()  # what the previous stage in this process left in the allocators
     tokenizer = str(Path(cfg.tokenizer).resolve()) if cfg.tokenizer else None
     caches = [work / f"tokens-{i:05d}.npy" for i in range(len(shards))]
 
@@ -427,6 +428,7 @@ def run(cfg: MixConfig, tracker: Tracker | None = None,
             quarantine.extend(shard_count.quarantine)
         n_quarantined = quarantine.count
 
+    release_memory()
     plans = plan_mixture(cfg, counts)
     tmp = atomic_dir(out / "dataset")
     stats: dict[str, list[int]] = {}
