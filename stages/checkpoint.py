@@ -123,8 +123,8 @@ def save_sharded(path: Path, model: torch.nn.Module, tokenizer, meta: dict[str, 
 
 
 def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Restore model and optimizer from `save_sharded`'s shards (every rank calls it; DCP reshards if
-    the world size changed)."""
+    """Restore model and optimizer from `save_sharded`'s shards (every rank calls it). DCP can reshard to
+    another world size; only the same world size is tested here."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=Path(path) / SHARDED)

@@ -55,10 +55,12 @@ ray_executor.shutdown()
 
 
 def config(data: dict[str, Path], output_dir: Path) -> PretrainConfig:
+    # grad_accum=2: one row per micro-batch on each of 2 ranks, so the first backward of every step
+    # skips the gradient reduction (DDP's no_sync, FSDP2's set_requires_gradient_sync) and the second does it.
     return PretrainConfig(tokens=data["tokens"], tokenizer=data["tokenizer"], output_dir=output_dir, model=TINY,
                           seq_len=32, batch_size=4, eval_windows=4,
                           train=TrainConfig(max_steps=STEPS, lr=3e-3, warmup_steps=2, checkpoint_every=EVERY,
-                                            log_every=1, progress=False))
+                                            log_every=1, grad_accum=2, progress=False))
 
 
 def weights(hf_dir: Path) -> dict[str, torch.Tensor]:
