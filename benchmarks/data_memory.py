@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/data_memory.py --corpus-mb 2500 --limit-mb 1024     # full run (root, cgroup v1)
     .venv/bin/python benchmarks/data_memory.py --small                              # smoke test: 60 MB, 400 MB limit
     .venv/bin/python benchmarks/data_memory.py --limit-mb 600 --start-from DATASET  # decontaminate -> mix only
+    .venv/bin/python benchmarks/data_memory.py --start-from DATASET --first dedup   # dedup -> decontaminate -> mix
 
 Corpus: JSONL files (`--file-mb` each) of generated documents of about `--doc-kb` KB, each a random
 sample of lines of ../shared/datasets/tinyshakespeare/input.txt in random order: real words and
@@ -92,7 +93,8 @@ def build_corpus(work: Path, corpus_mb: int, file_mb: int, doc_kb: float, seed: 
 # --- the chain, in the limited child -----------------------------------------------------------------
 
 
-def chain(work: Path, out: Path, progress: Path, filters: str = "all", start: Path | None = None) -> None:
+def chain(work: Path, out: Path, progress: Path, filters: str = "all", start: Path | None = None,
+          first: str = "decontaminate") -> None:
     from stages import clean, collect, decontaminate, dedup, mix
 
     def mark(stage: str, event: str, **extra: Any) -> None:
@@ -102,7 +104,7 @@ def chain(work: Path, out: Path, progress: Path, filters: str = "all", start: Pa
     shutil.rmtree(out, ignore_errors=True)
     evals = tuple(p for p in [DATASETS / "gsm8k" / "test.jsonl"] if p.is_file())
     if start is not None:  # --start-from: decontaminate and mix only, from an existing dataset
-        tail(start, out, evals, mark)
+        tail(start, out, evals, mark, first=first)
         return
     files = tuple(str(p) for p in sorted((work / "jsonl").glob("*.jsonl")))
     mark("collect", "start")
@@ -124,13 +126,19 @@ def chain(work: Path, out: Path, progress: Path, filters: str = "all", start: Pa
     tail(r.dataset, out, evals, mark, target_tokens)
 
 
-def tail(dataset: Path, out: Path, evals: tuple[Path, ...], mark, target_tokens: int | None = None) -> None:
-    """decontaminate -> mix; without `target_tokens`, about half the tokens of `dataset` (UTF-8 bytes / 8)."""
-    from stages import decontaminate, mix
+def tail(dataset: Path, out: Path, evals: tuple[Path, ...], mark, target_tokens: int | None = None,
+         first: str = "decontaminate") -> None:
+    """[dedup ->] decontaminate -> mix; without `target_tokens`, about half the tokens of `dataset` (UTF-8 bytes / 8)."""
+    from stages import decontaminate, dedup, mix
     from stages.dataset import dataset_shards
 
     if target_tokens is None:
         target_tokens = sum(text_bytes(s) for s in dataset_shards(dataset)) // 8
+    if first == "dedup":
+        mark("dedup", "start")
+        r = dedup.run(dedup.DedupConfig(input_dir=dataset, output_dir=out / "dedup"))
+        mark("dedup", "end", metrics=r.metrics)
+        dataset = r.dataset
     mark("decontaminate", "start")
     r = decontaminate.run(decontaminate.DecontaminateConfig(input_dir=dataset, output_dir=out / "decontaminate",
                                                             eval_files=evals))
@@ -225,11 +233,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--start-from", type=Path, default=None, metavar="DATASET",
                     help="run decontaminate -> mix only, on this existing dataset directory (e.g. a previous "
                          "run's out/dedup/dataset); the corpus size reported is then that dataset's")
+    ap.add_argument("--first", choices=("dedup", "decontaminate"), default="decontaminate",
+                    help="with --start-from: the first stage to run on it")
     args = ap.parse_args(argv)
     if args.worker:
         tail_run = "-tail" if args.start_from else ""
         chain(args.work, args.work / f"out{tail_run}", args.work / f"progress{tail_run}.jsonl", args.filters,
-              args.start_from)
+              args.start_from, args.first)
         return {}
     if not (DATASETS / "tinyshakespeare" / "input.txt").is_file():
         sys.exit(f"needs {DATASETS}/tinyshakespeare/input.txt")
@@ -270,7 +280,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     peaks: dict[str, dict[str, float]] = {}
     try:
         proc = subprocess.Popen([sys.executable, __file__, "--worker", "--work", str(args.work), "--filters",
-                                 args.filters, *(["--start-from", str(args.start_from)] if args.start_from else [])],
+                                 args.filters, "--first", args.first,
+                                 *(["--start-from", str(args.start_from)] if args.start_from else [])],
                                 stdout=log,
                                 stderr=subprocess.STDOUT, cwd=REPO, preexec_fn=enter_cgroup,
                                 env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -310,7 +321,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             stage_s[e["stage"]] = e["t"] - starts[e["stage"]]
             m = e["metrics"]
             rows[e["stage"]] = {"in": m.get("data/rows_in"), "out": m.get("data/rows_out")}
-    stages = STAGES[3:] if args.start_from else STAGES
+    stages = STAGES[STAGES.index(args.first):] if args.start_from else STAGES
     completed = rc == 0 and all(s in stage_s for s in stages)
     failed_in = None if completed else current_stage(progress)
     table_rows = [[s, f"{stage_s[s]:.0f}" if s in stage_s else "-", rows.get(s, {}).get("in", "-"),

@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from stages.config import deep_merge, from_dict, to_dict
 from stages.dataset import (SCHEMA, QuarantineLog, atomic_dir, commit_dir, dataset_shards, file_digest,
-                            finished_report, fingerprint, read_shard, write_atomically, write_report)
+                            finished_report, fingerprint, read_shard, row_group_rows, write_atomically, write_report)
 from stages.filters.c4 import C4Config
 from stages.filters.fineweb import FineWebConfig
 from stages.filters.gopher import GopherQualityConfig, GopherRepetitionConfig
@@ -327,7 +327,7 @@ def clean_shard(task: ShardTask) -> ShardStats:
     stats.lengths_out = histogram(out_lengths)
 
     table = pa.Table.from_pydict(columns, schema=SCHEMA)
-    write_atomically(task.output, lambda tmp: pq.write_table(table, tmp))
+    write_atomically(task.output, lambda tmp: pq.write_table(table, tmp, row_group_size=row_group_rows(table)))
     write_atomically(task.stats_path, lambda tmp: tmp.write_text(json.dumps(dataclasses.asdict(stats))))
     return stats
 

@@ -90,6 +90,12 @@ def text_lengths(table: pa.Table | pa.RecordBatch) -> np.ndarray:
     return pc.utf8_length(table.column("text")).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
+def row_group_rows(table: pa.Table) -> int:
+    """Rows per row group that give about ROW_GROUP_BYTES of text: `pq.write_table(t, f, row_group_size=...)`."""
+    text = int(text_lengths(table).sum())
+    return max(1, table.num_rows * ROW_GROUP_BYTES // text) if text else max(1, table.num_rows)
+
+
 class ShardWriter:
     """Dataset shards `<prefix>-00000.parquet, ...` in `directory`, written from SCHEMA tables as they come.
 

@@ -83,3 +83,11 @@ def test_write_kept_copies_exactly_the_masked_rows_in_order(tmp_path: Path) -> N
     assert seen[0] == 0 and seen == sorted(seen) and len(seen) > len(dataset_shards(tmp_path / "in"))
     with pytest.raises(ValueError, match="301 rows, the mask 300"):
         write_kept(tmp_path / "in", keep[:300], tmp_path / "bad")
+
+
+def test_row_group_rows_gives_row_groups_of_about_row_group_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dataset, "ROW_GROUP_BYTES", 1_000)
+    table = pa.Table.from_pylist([{"id": str(i), "text": "y" * 100, "source": "s", "url": "", "meta": "{}"}
+                                  for i in range(100)], schema=SCHEMA)
+    assert dataset.row_group_rows(table) == 10
+    assert dataset.row_group_rows(table.slice(0, 0)) == 1  # an empty shard is still written
