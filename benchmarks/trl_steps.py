@@ -174,18 +174,25 @@ def trl_tokens(spec: Spec, dataset) -> dict[str, Any]:
 
 
 class _Clock:
-    """Wall-clock marks at the end of every optimizer step (after a CUDA sync, so a mark is a finished step)."""
+    """Wall-clock marks at the end of every optimizer step (after a CUDA sync, so a mark is a finished step),
+    and the process's CPU time at the same marks: on a shared machine a step's wall time counts the
+    other jobs too, its CPU time (one torch thread) much less so."""
 
     def __init__(self, device: str) -> None:
         import torch
 
         self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         self.marks: list[float] = []
+        self.cpu_marks: list[float] = []
         self.created = time.perf_counter()
 
     def mark(self) -> None:
         self.sync()
         self.marks.append(time.perf_counter())
+        self.cpu_marks.append(time.process_time())
+
+    def cpu_gaps(self) -> list[float]:
+        return np.diff(self.cpu_marks).tolist()
 
 
 def _memory(device: str) -> dict[str, float]:
@@ -238,7 +245,7 @@ def run_ours(spec: Spec) -> dict[str, Any]:
     tokens = [r["train/tokens_per_s"] * g for r, g in zip(rows_logged[1:], gaps, strict=True)]
     extra = {"completion_length": float(np.mean([r["rl/response_length"] for r in rows_logged]))} \
         if spec.method == "grpo" else {}
-    return {"step_s": gaps.tolist(), "setup_s": clock.marks[0] - clock.created,
+    return {"step_s": gaps.tolist(), "step_cpu_s": clock.cpu_gaps(), "setup_s": clock.marks[0] - clock.created,
             "tokens_per_step": float(np.mean(tokens)), "data": digest,
             "baseline_rss_mib": base["peak_rss_mib"], **_memory(spec.device), **extra}
 
@@ -322,7 +329,7 @@ def run_trl(spec: Spec) -> dict[str, Any]:
     extra = {}
     if spec.method == "grpo":
         extra["completion_length"] = float(np.mean(lengths))
-    return {"step_s": gaps.tolist(), "setup_s": clock.marks[0] - clock.created,
+    return {"step_s": gaps.tolist(), "step_cpu_s": clock.cpu_gaps(), "setup_s": clock.marks[0] - clock.created,
             "tokens_per_step": float(np.mean(padded[1:spec.steps])) if padded else None,
             "data": digest, "baseline_rss_mib": base["peak_rss_mib"], **_memory(spec.device), **extra}
 
@@ -383,7 +390,9 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             warm = mine[0]["spec"]["warmup"]
             pooled = [s for r in mine for s in r["step_s"][warm:]]
             q25, q50, q75 = np.percentile(pooled, [25, 50, 75]).tolist()
+            cpu = [s for r in mine for s in r.get("step_cpu_s", [])[warm:]]
             sides[fw] = {"median_s": q50, "q25_s": q25, "q75_s": q75, "steps": len(pooled),
+                         "median_cpu_s": float(np.median(cpu)) if cpu else float("nan"),
                          "repeat_medians_s": [float(np.median(r["step_s"][warm:])) for r in mine],
                          "peak_rss_mib": max(r["peak_rss_mib"] for r in mine),
                          "baseline_rss_mib": max(r["baseline_rss_mib"] for r in mine),
@@ -395,7 +404,8 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             pairs = [t / o for o, t in zip(sides["ours"]["repeat_medians_s"], sides["trl"]["repeat_medians_s"])]
             same = bool(sides["ours"]["data"]) and sides["ours"]["data"] == sides["trl"]["data"]
             rows.append({"method": method, **{f"{fw}_{k}": v for fw, s in sides.items() for k, v in s.items()},
-                         "ratio_trl_over_ours": ratio, "repeat_ratios": pairs,
+                         "ratio_trl_over_ours": ratio,
+                         "cpu_ratio_trl_over_ours": sides["trl"]["median_cpu_s"] / sides["ours"]["median_cpu_s"], "repeat_ratios": pairs,
                          "median_repeat_ratio": float(np.median(pairs)), "target": TARGETS[method],
                          "meets_target": ratio >= TARGETS[method], "same_tokens": same})
     return rows
@@ -405,8 +415,8 @@ def print_table(rows: list[dict[str, Any]], device: str) -> None:
     mem = "peak_cuda_mib" if device == "cuda" else "peak_rss_mib"
     print(f"\n| method | ours s/step (IQR) | TRL s/step (IQR) | TRL/ours | target | per-repeat ratios | "
           f"{'peak CUDA' if device == 'cuda' else 'peak RSS (after imports)'} MiB ours / TRL | tokens/step ours / TRL "
-          f"| same tokens |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          f"| same tokens | CPU s/step ours / TRL (ratio) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         def side(fw: str) -> str:
             return f"{r[f'{fw}_median_s']:.3f} ({r[f'{fw}_q25_s']:.3f}-{r[f'{fw}_q75_s']:.3f})"
@@ -423,7 +433,8 @@ def print_table(rows: list[dict[str, Any]], device: str) -> None:
         print(f"| {r['method']} | {side('ours')} | {side('trl')} | {r['ratio_trl_over_ours']:.2f}x | "
               f">= {r['target']}x {'(met)' if r['meets_target'] else '(missed)'} | "
               f"{', '.join(f'{x:.2f}' for x in r['repeat_ratios'])} (median {r['median_repeat_ratio']:.2f}) | {memory('ours')} / {memory('trl')} | "
-              f"{tokens} | {same} |")
+              f"{tokens} | {same} | {r['ours_median_cpu_s']:.3f} / {r['trl_median_cpu_s']:.3f} "
+              f"({r['cpu_ratio_trl_over_ours']:.2f}x) |")
 
 
 def main() -> None:
