@@ -40,6 +40,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -100,6 +101,7 @@ class TrainConfig:
     spike_warmup: int = 20  # steps before spikes are looked for (early losses fall steeply)
     spike_window: int = 50  # recent good steps whose median loss a spike is measured against
     strategy: str = "ddp"  # with torch.distributed: "ddp" replicates the model, "fsdp" shards it (ray.strategy)
+    peak_flops: float | None = None  # one device's (one worker's) FLOP/s for MFU; None: the table or a measured matmul
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -117,6 +119,8 @@ class TrainConfig:
         if not (self.spike_factor == 0 or self.spike_factor > 1):
             # A factor <= 1 would call half of all healthy steps spikes.
             raise ValueError(f"train.spike_factor must be 0 (off) or > 1, got {self.spike_factor}")
+        if self.peak_flops is not None and not self.peak_flops > 0:
+            raise ValueError(f"train.peak_flops must be > 0 FLOP/s or unset, got {self.peak_flops}")
         if self.spike_warmup < 0 or self.spike_window < 1:
             raise ValueError(f"train.spike_warmup must be >= 0 and train.spike_window >= 1, got "
                              f"{self.spike_warmup} and {self.spike_window}")
@@ -293,11 +297,45 @@ def _start_metrics_log(output_dir: Path, start: int) -> list[dict[str, float]]:
     return kept
 
 
-def _peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+def peak_flops(device: torch.device, configured: float | None = None) -> tuple[float | None, str]:
+    """One device's peak FLOP/s, the denominator of MFU, and where the figure comes from.
+
+    `train.peak_flops` wins everywhere. On CUDA the data-sheet bf16 figure of `PEAK_FLOPS` (None for
+    a card not in it: no MFU rather than a guess). On CPU no vendor table exists (the peak depends on
+    the cores, the SIMD width, the clock and how many threads this process may use), so the peak is
+    measured: the dense fp32 matmul rate this process achieves (fp32 is the CPU default; set
+    `train.peak_flops` for a bf16 run). CPU MFU is thus model FLOPs over what this machine's matmul
+    kernel actually reaches, an achievable ceiling rather than a data sheet's: it reads higher than
+    MFU against a theoretical peak would, and is not comparable with GPU MFU.
+    """
+    if configured is not None:
+        return configured, "train.peak_flops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in PEAK_FLOPS.items() if k in name), None), f"{name} bf16 data sheet"
+    if device.type == "cpu":
+        threads = torch.get_num_threads()
+        return measured_matmul_flops(threads), f"measured fp32 matmul, {threads} thread(s)"
+    return None, "unknown"
+
+
+@functools.cache  # once per process (and thread count): a fraction of a second of matmuls
+def measured_matmul_flops(threads: int, n: int = 1024, reps: int = 20) -> float:
+    """FLOP/s of an n x n fp32 matmul on the CPU: the best of `reps` after a warm-up.
+
+    The best rep, not the mean: it is the ceiling the kernel reaches when the machine lets it, and
+    other processes' load only slows reps down. A private generator leaves the training RNG alone.
+    """
+    del threads  # the cache key: torch uses the process's current thread count
+    a, b = (torch.randn(n, n, generator=torch.Generator().manual_seed(i)) for i in range(2))
+    with torch.no_grad():
+        torch.mm(a, b)  # warm-up: first-call allocation and kernel selection
+        best = math.inf
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
 
 
 def train(
@@ -365,7 +403,11 @@ def train(
     if world > 1 and not sharded:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    peak = _peak_flops(device)
+    peak, peak_source = peak_flops(device, cfg.peak_flops) if flops_per_token else (None, "")
+    if peak and rank == 0:
+        # Each rank has the same device (or, on CPU, the same thread count), so rank 0's peak x world
+        # stands for the whole job's; ranks' measured CPU peaks differ only by noise.
+        log.info("%s: MFU against %.3g FLOP/s per worker x %d (%s)", desc, peak, world, peak_source)
 
     history = _start_metrics_log(output_dir, start) if rank == 0 else []
     last: dict[str, float] = {}
@@ -439,6 +481,7 @@ def train(
                     "train/skipped_batches": float(skipped)}
             if peak and flops_per_token:
                 last["train/mfu"] = tps * flops_per_token / (peak * world)
+                last["train/peak_flops"] = peak  # the denominator, per worker: MFU can be checked from the log
             last.update(_peak_memory_mb(device, world))
             faults, window_faults = window_faults, []
             window_tokens, window_start, window_sums, window_steps = 0, time.perf_counter(), {}, 0
