@@ -103,7 +103,9 @@ def ensure_ray(settings: Settings | None = None, num_cpus: int | None = None) ->
         ray.init(address=s.ray_address, runtime_env=runtime_env, log_to_driver=True)
     else:
         s.ray_temp_dir.mkdir(parents=True, exist_ok=True)
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=str(s.ray_temp_dir),
+        # address="local": a Ray of this process's own, never "the latest cluster started on this
+        # machine" that ray.init() documents for address=None (it dies when its owner exits).
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=str(s.ray_temp_dir),
                  runtime_env=runtime_env, log_to_driver=True, configure_logging=False)
 
 

@@ -131,3 +131,23 @@ def test_a_training_fault_comes_back_as_the_error_not_as_a_retry(tmp_path: Path)
     with pytest.raises(TrainingFault, match="step 4: loss is nan") as err:
         ray_executor._result_from(Checkpoint.from_directory(str(tmp_path / "ckpt")), tmp_path / "out")
     assert (err.value.step, err.value.reason, err.value.checkpoint) == (4, "loss is nan", tmp_path / "step-000002")
+
+
+def test_without_ray_address_each_process_starts_its_own_ray(tmp_path: Path, monkeypatch) -> None:
+    """Two `flywheel` processes on one state root: the second must not join the first's Ray (Ray's
+    default finds it through the temp dir's `ray_current_cluster`), or it dies when the first exits."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    probe = ("from infra import ray_executor; import ray; ray_executor.ensure_ray(num_cpus=1); "
+             "print(ray.get_runtime_context().gcs_address)")
+    try:
+        ray_executor.ensure_ray(num_cpus=1)
+        ours = ray.get_runtime_context().gcs_address
+        theirs = subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).resolve().parents[2],
+                                capture_output=True, text=True, timeout=120, check=True).stdout.split()[-1]
+    finally:
+        ray_executor.shutdown()
+    assert theirs != ours

@@ -27,7 +27,8 @@ from stages.grpo import GRPOConfig
 from stages.lora import LoraConfig
 from stages.rollout import sample
 from stages.tracking import RecordingTracker
-from tests.stages.conftest import LINEAGE, corpus, pretrained, quiet_train, sft_trained, tokenizer_dir  # noqa: F401
+from tests.stages.conftest import (LINEAGE, corpus, pretrained, quiet_train, sft_trained,  # noqa: F401
+                                   tokenizer_dir, tokens)
 
 SERVING_PYTHON = ServingConfig().python
 BASE_NAME = "flywheel-sft"
