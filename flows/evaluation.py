@@ -39,7 +39,11 @@ def evaluate_version(model_name: str = "flywheel-chat", version: str = "champion
                                 f"{tags.get('data.path', '-')}); pass dataset=<dir>, or `dvc pull` it")
     out = s.home / "evaluations" / f"{model_name}-v{number}-{time.strftime('%Y%m%d-%H%M%S')}"
     checkpoint = models.download_version(client, model_name, number, dst=out / "model")
-    stage_cfg = cfg.build("evaluate", checkpoint=checkpoint, dataset=data, output_dir=out / "evaluate")
+    # The held-out split of the shards the version's lineage names (data/tokens), else of the shards its
+    # pretraining read (the stage finds them in meta.json).
+    tokens = s.repo_root / tags["tokens.path"] if tags.get("tokens.path") else None
+    stage_cfg = cfg.build("evaluate", checkpoint=checkpoint, dataset=data, tokens=tokens if tokens and tokens.exists()
+                          else None, output_dir=out / "evaluate")
     with run_context(uri, EXPERIMENT, f"evaluate-{model_name}-v{number}",
                      tags={"stage": "evaluate", "model.name": model_name, "model.version": number}) as tracker:
         result = evaluate.run(stage_cfg, tracker)

@@ -44,6 +44,7 @@ from registry import gate as gates
 from registry.tracking import end_run, reopen_run, run_context, start_run
 from stages.checkpoint import git_commit
 from stages.evaluate import read_items
+from stages.sft import SFTConfig
 from stages.validate import raise_for_failures
 
 EXPERIMENT = "flywheel"
@@ -52,6 +53,8 @@ DATA_STAGES = ("collect", "clean", "dedup", "decontaminate", "mix")
 # data/<name> of each data stage's output (the mix becomes DATASET_NAME once validated)
 STAGE_VERSIONS = {"collect": "raw", "clean": "filtered", "dedup": "deduped", "decontaminate": "decontaminated"}
 TOKENS_DATA = "tokens"  # data/<name>: the token shards pretraining reads, one DVC version per tokenization
+# data/<name>: in a run from a given base model, the corpus in that model's tokenization, for SFT's replay
+BASE_TOKENS_DATA = "tokens-base-model"
 REJECTION_DATA = "rejection-sft"  # data/<name>: the SFT data rejection sampling writes, one DVC version per run
 
 
@@ -183,13 +186,22 @@ def tokenizer_flow(cfg: LifecycleConfig, ctx: RunContext, dataset: Path) -> tupl
 
 
 @flow(name="tokenize", validate_parameters=False)
-def tokenize_flow(cfg: LifecycleConfig, ctx: RunContext, dataset: Path, tokenizer: Path) -> data_versions.DataVersion:
+def tokenize_flow(cfg: LifecycleConfig, ctx: RunContext, dataset: Path, tokenizer: Path,
+                  name: str = TOKENS_DATA) -> data_versions.DataVersion:
     """The corpus as token shards (each input shard a Ray task), versioned as data/tokens: pretraining
-    reads that version, so its md5 pins exactly which tokens a model saw."""
+    reads that version (SFT's replay its training split, evaluation its held-out split), so its md5
+    pins exactly which tokens a model saw."""
     ray_executor.ensure_ray()
     result, _ = run_stage("tokenize", cfg.build("tokenize", dataset=dataset, tokenizer=tokenizer,
                                                 output_dir=ctx.out("tokenize")), ctx)
-    return version_dataset(result.tokens, TOKENS_DATA)
+    return version_dataset(result.tokens, name)
+
+
+def replays(cfg: LifecycleConfig) -> bool:
+    """Whether an SFT stage of the recipe replays pretraining text, and so reads token shards."""
+    names = ("sft",) if cfg.build("align").recipe == "instructgpt" else ("sft", "rejection_sft")
+    default = SFTConfig.__dataclass_fields__["replay_fraction"].default
+    return any(cfg.sections.get(name, {}).get("replay_fraction", default) for name in names)
 
 
 @flow(name="pretrain", validate_parameters=False)
@@ -219,8 +231,12 @@ def version_sft_data(path: Path, name: str) -> data_versions.DataVersion:
 
 
 @flow(name="align", validate_parameters=False)
-def align_flow(cfg: LifecycleConfig, ctx: RunContext, dataset: Path, base: Path) -> dict[str, tuple[Path, str]]:
+def align_flow(cfg: LifecycleConfig, ctx: RunContext, dataset: Path, base: Path,
+               tokens: Path | None = None) -> dict[str, tuple[Path, str]]:
     """The recipe of `align.recipe`, each stage starting from an earlier stage's final checkpoint.
+
+    `tokens` (token shards in the base's tokenization) feed SFT's pretraining replay; without them a
+    config with `replay_fraction > 0` is refused by the SFT stage.
 
     Returns the policies in order (name -> (checkpoint, MLflow run id)); the last one is the candidate.
     The reward model is a product of the phase but not a policy: its run id joins the lineage only.
@@ -238,18 +254,19 @@ def align_flow(cfg: LifecycleConfig, ctx: RunContext, dataset: Path, base: Path)
         return result
 
     if cfg.build("align").recipe == "instructgpt":
-        sft = stage("sft", dataset=dataset, policy=base).checkpoint
+        sft = stage("sft", dataset=dataset, policy=base, tokens=tokens).checkpoint
         reward_model = stage("reward", dataset=dataset, policy=sft).checkpoint
         stage("ppo", dataset=dataset, policy=sft, reward_model=reward_model)
     else:
-        policy = stage("sft", dataset=dataset, policy=base).checkpoint
+        policy = stage("sft", dataset=dataset, policy=base, tokens=tokens).checkpoint
         policy = stage("dpo", dataset=dataset, policy=policy).checkpoint
         policy = stage("grpo", dataset=dataset, policy=policy).checkpoint
         kept = stage("rejection", dataset=dataset, policy=policy)
         if kept.metrics.get("rejection/kept", 0) > 0:
             version = version_sft_data(kept.dataset, REJECTION_DATA)
             lineage |= {"rejection.dvc_md5": version.md5, "rejection.path": f"data/{REJECTION_DATA}"}
-            stage("rejection_sft", dataset=dataset, messages=version.path / Path(kept.dataset).name, policy=policy)
+            stage("rejection_sft", dataset=dataset, messages=version.path / Path(kept.dataset).name, policy=policy,
+                  tokens=tokens)
         else:  # nothing good enough to learn from: the RL policy stays the candidate
             get_run_logger().warning("rejection sampling kept no answer (rejection.min_score too high for this "
                                      "policy?): no rejection_sft; the GRPO policy is the candidate")
@@ -275,11 +292,16 @@ def evaluate_config(cfg: LifecycleConfig, **wiring: Any) -> Any:
 
 
 @flow(name="evaluate", validate_parameters=False)
-def evaluate_flow(cfg: LifecycleConfig, ctx: RunContext, dataset: Path, checkpoints: dict[str, Path]) -> dict[str, Scored]:
-    """Each checkpoint on the same held-out data: the learning curve of the lifecycle."""
+def evaluate_flow(cfg: LifecycleConfig, ctx: RunContext, dataset: Path, checkpoints: dict[str, Path],
+                  tokens: Path | None = None) -> dict[str, Scored]:
+    """Each checkpoint on the same held-out data: the learning curve of the lifecycle.
+
+    `tokens`: the shards whose held-out split gives perplexity (None: each checkpoint's pretraining's,
+    from its lineage)."""
     scores = {}
     for label, checkpoint in checkpoints.items():
-        stage_cfg = evaluate_config(cfg, checkpoint=checkpoint, dataset=dataset, output_dir=ctx.out(f"evaluate-{label}"))
+        stage_cfg = evaluate_config(cfg, checkpoint=checkpoint, dataset=dataset, tokens=tokens,
+                                    output_dir=ctx.out(f"evaluate-{label}"))
         result, _ = run_stage("evaluate", stage_cfg, ctx, run_name=f"evaluate-{label}")
         scores[label] = Scored(_finite(result.metrics), result.items, tuple(result.alarms))
     return scores
@@ -294,7 +316,8 @@ class Promotion:
 
 
 @flow(name="promote", validate_parameters=False)
-def promote_flow(cfg: LifecycleConfig, ctx: RunContext, checkpoint: Path, scored: Scored, dataset: Path) -> Promotion:
+def promote_flow(cfg: LifecycleConfig, ctx: RunContext, checkpoint: Path, scored: Scored, dataset: Path,
+                 tokens: Path | None = None) -> Promotion:
     """Register the final checkpoint; it becomes champion only through the paired gate.
 
     The champion is read first (the decision point) and re-scored now on exactly the challenger's
@@ -318,8 +341,8 @@ def promote_flow(cfg: LifecycleConfig, ctx: RunContext, checkpoint: Path, scored
     mine, theirs = read_items(scored.items), None
     if expected is not None:
         champ_dir = models.download_version(client, promote.model_name, expected, dst=ctx.out(f"champion-v{expected}"))
-        champ_cfg = evaluate_config(cfg, checkpoint=champ_dir, dataset=dataset,
-                              output_dir=ctx.out(f"evaluate-champion-v{expected}"))
+        champ_cfg = evaluate_config(cfg, checkpoint=champ_dir, dataset=dataset, tokens=tokens,  # the challenger's
+                                    output_dir=ctx.out(f"evaluate-champion-v{expected}"))
         champ_result, _ = run_stage("evaluate", champ_cfg, ctx, run_name=f"evaluate-champion-v{expected}")
         theirs = read_items(champ_result.items)
     verdicts = [_verdict(spec, scored, mine, theirs, expected) for spec in specs]
@@ -472,18 +495,23 @@ def _lifecycle(cfg: LifecycleConfig, record: run_record.RunRecord, parent: Any) 
             ctx.lineage |= {"tokens.dvc_md5": tokens.md5, "tokens.path": f"data/{tokens.name}"}
             base, pt_run = phase("pretrain", pretrain_flow, cfg, ctx, tokens.path, tokenizer)
             ctx.lineage["pretrain.run_id"] = pt_run
-            first = "pretrain"
+            first, token_dir = "pretrain", tokens.path
         else:
             base, base_run = phase("base_model", base_model_flow, cfg, ctx, Path(source))
             ctx.lineage |= {"base_model.run_id": base_run, "base_model.source": str(source)}
-            first = "base_model"
-        aligned = phase("align", align_flow, cfg, ctx, data.path, base)
+            first, token_dir = "base_model", None
+            if replays(cfg):  # SFT replays our corpus, tokenized as the base model reads text
+                tokens = phase("tokenize", tokenize_flow, cfg, ctx, data.path, base, BASE_TOKENS_DATA)
+                ctx.lineage |= {"tokens.dvc_md5": tokens.md5, "tokens.path": f"data/{tokens.name}"}
+                token_dir = tokens.path
+        aligned = phase("align", align_flow, cfg, ctx, data.path, base, token_dir)
         ctx.lineage |= {f"{name}.run_id": run_id for name, (_, run_id) in aligned.items()}
         checkpoints = {first: base, **{k: v[0] for k, v in aligned.items()}}
-        scored = phase("evaluate", evaluate_flow, cfg, ctx, data.path, checkpoints)
+        # A base model's run measures no perplexity (evaluate_config): its tokens only fed the replay.
+        scored = phase("evaluate", evaluate_flow, cfg, ctx, data.path, checkpoints, token_dir)
         candidate = list(aligned)[-1]
         final = checkpoints[candidate]
-        promotion = phase("promote", promote_flow, cfg, ctx, final, scored[candidate], data.path)
+        promotion = phase("promote", promote_flow, cfg, ctx, final, scored[candidate], data.path, token_dir)
         serving = None
         serve = cfg.build("serve")
         if serve.enabled and promotion.champion is not None:

@@ -36,6 +36,7 @@ from infra.settings import load_settings
 from registry import data_versions
 from registry.tracking import end_run, start_run
 from stages.checkpoint import git_commit
+from stages.evaluate import HeldoutSplitUnknown, pretraining_config
 
 
 @contextlib.contextmanager
@@ -155,12 +156,17 @@ def pretrain(dataset: str | None = None, tokenizer: str | None = None, preset: s
 @flow(name="phase-align", log_prints=True, validate_parameters=False)
 def align(dataset: str | None = None, base: str | None = None, preset: str = "tiny",
           overrides: list[str] | None = None) -> dict[str, str]:
-    """SFT -> DPO -> GRPO from `base` (default: the newest pretrained checkpoint); returns each final one."""
+    """SFT -> DPO -> GRPO from `base` (default: the newest pretrained checkpoint); returns each final one.
+    SFT's pretraining replay reads the token shards `base` was pretrained on (named in its meta.json)."""
     cfg = LifecycleConfig.load(preset, overrides)
     data_dir, base_dir = dataset_path(dataset), _input(base, "pretrain/final", _is_checkpoint)
+    try:
+        tokens: Path | None = Path(pretraining_config(base_dir)["tokens"])
+    except HeldoutSplitUnknown:  # not pretrained here: a config that replays is refused by the SFT stage
+        tokens = None
     with phase_context("align", cfg) as ctx:
         ctx.lineage |= _data_lineage(data_dir) | {"base.path": str(base_dir)}
-        produced = lc.align_flow(cfg, ctx, data_dir, base_dir)
+        produced = lc.align_flow(cfg, ctx, data_dir, base_dir, tokens)
     return {name: str(path) for name, (path, _) in produced.items()}
 
 

@@ -13,9 +13,10 @@ Writes under output_dir:
 Every metric `eval/<task>/<metric>` has `eval/<task>/<metric>_stderr` beside it: the standard
 error of the mean over items, the delta method for perplexity, a seeded bootstrap for ECE.
 
-Tasks: `heldout` (per-token NLL and perplexity over fixed windows of pretraining's held-out
-documents: the split is read from the checkpoint's lineage, so it cannot differ from the one
-pretraining used), `arithmetic` (greedy exact match and format rate on the test split, pass@k from
+Tasks: `heldout` (per-token NLL and perplexity over the first windows of the held-out split of the
+token shards pretraining read, `tokens`: by default the path in the checkpoint's lineage, so the
+split cannot differ from the one pretraining measured; memory-mapped, nothing is tokenized here),
+`arithmetic` (greedy exact match and format rate on the test split, pass@k from
 sampled completions), `arithmetic_mc` and `mmlu` (log-likelihood multiple choice, accuracy and
 ECE; see stages/tasks/multiple_choice.py), `gsm8k` (generative exact match of the final number).
 `harness_tasks` hands lm-evaluation-harness tasks to stages/harness.py.
@@ -65,11 +66,12 @@ from stages.eval_stats import (bootstrap_stderr, expected_calibration_error, mea
 from stages.monitors import (MonitorConfig, check, has_overconfident_phrase, has_polite_phrase, monitor_texts,
                              reward_verifier_divergence)
 from stages.plots import plt  # the headless backend is chosen there
-from stages.pretrain import heldout_texts, token_stream
+from stages.pretrain import check_tokenizer
 from stages.rewards import correctness, well_formatted
 from stages.rollout import sample, token_logprobs
 from stages.tasks import gsm8k
 from stages.tasks import multiple_choice as mc
+from stages.token_shards import TokenShards
 from stages.tracking import NullTracker, Tracker
 from stages.train_loop import pick_device
 
@@ -90,11 +92,7 @@ class MissingTokenizer(FileNotFoundError):
 
 
 class HeldoutSplitUnknown(ValueError):
-    """No pretraining checkpoint in the lineage, and no held-out fraction given."""
-
-
-class HeldoutSplitMismatch(ValueError):
-    """A held-out fraction was given that differs from the one pretraining used."""
+    """No pretraining checkpoint in the lineage, and no token shards given."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,9 +101,10 @@ class EvaluateConfig:
     dataset: Path
     output_dir: Path
     tasks: tuple[str, ...] = ("heldout", "arithmetic")  # any of TASKS
-    # heldout. None: the fraction pretraining used, read from the checkpoint's meta.json lineage.
-    # Set it only for a checkpoint whose lineage has no pretraining (a model from the Hub).
-    heldout_fraction: float | None = None
+    # heldout: a tokenize stage's output, whose held-out split is read. None: the shards pretraining
+    # read, named in the checkpoint's meta.json lineage. Set it for a checkpoint whose lineage has no
+    # pretraining (a model from the Hub: shards of its own tokenizer), or where the lineage's path is gone.
+    tokens: Path | None = None
     seq_len: int = 128
     perplexity_windows: int = 64
     # arithmetic and arithmetic_mc: the first N problems of the test split (None: all of them)
@@ -160,8 +159,6 @@ class EvaluateConfig:
             raise ValueError(f"evaluate.passk_k must lie in [1, passk_samples={self.passk_samples}], got {self.passk_k}")
         if self.passk_samples and not all(t > 0 for t in self.passk_temperatures):
             raise ValueError(f"evaluate.passk_temperatures must be > 0 (greedy is accuracy), got {self.passk_temperatures}")
-        if self.heldout_fraction is not None and not 0 < self.heldout_fraction < 0.5:
-            raise ValueError(f"evaluate.heldout_fraction must be in (0, 0.5), got {self.heldout_fraction}")
         if self.best_of_n < 1:
             raise ValueError(f"evaluate.best_of_n must be >= 1 (1: off), got {self.best_of_n}")
         if self.best_of_n_scorer not in SCORERS:
@@ -246,7 +243,7 @@ def pretraining_config(checkpoint: Path) -> dict[str, Any]:
         node: dict[str, Any] | None = meta
         while node:
             chain.append(f"{node.get('stage')} at {path}")
-            if node.get("stage") == "pretrain" and "heldout_fraction" in (node.get("config") or {}):
+            if node.get("stage") == "pretrain" and "tokens" in (node.get("config") or {}):
                 return node["config"]
             if not node.get("parent_meta") or not (node["parent_meta"].get("config")):
                 break
@@ -256,29 +253,34 @@ def pretraining_config(checkpoint: Path) -> dict[str, Any]:
         path = Path(node["parent"])
     raise HeldoutSplitUnknown(
         f"{checkpoint}: cannot tell which documents pretraining held out: no pretraining checkpoint in its "
-        f"lineage ({' -> '.join(chain)}); pass evaluate.heldout_fraction=<the fraction pretraining used>")
+        f"lineage ({' -> '.join(chain)}); pass evaluate.tokens=<a tokenize output made with its tokenizer>")
 
 
-def heldout_fraction_of(cfg: EvaluateConfig) -> float:
+def tokens_of(cfg: EvaluateConfig) -> Path:
+    """The token shards whose held-out split the `heldout` task reads: `cfg.tokens`, else pretraining's."""
     try:
-        pretrain = pretraining_config(cfg.checkpoint)
+        lineage = Path(pretraining_config(cfg.checkpoint)["tokens"])
     except HeldoutSplitUnknown:
-        if cfg.heldout_fraction is None:
+        if cfg.tokens is None:
             raise
-        return cfg.heldout_fraction
-    fraction = float(pretrain["heldout_fraction"])
-    if cfg.heldout_fraction is not None and cfg.heldout_fraction != fraction:
-        raise HeldoutSplitMismatch(f"evaluate.heldout_fraction={cfg.heldout_fraction} but {cfg.checkpoint} was "
-                                   f"pretrained with heldout_fraction={fraction}: leave it unset")
-    if Path(pretrain.get("dataset", cfg.dataset)).resolve() != Path(cfg.dataset).resolve():
-        log.warning("evaluate: pretraining read %s, evaluation reads %s: the held-out split is by record id, "
-                    "so perplexity is comparable only if both hold the same records", pretrain["dataset"], cfg.dataset)
-    return fraction
+        return Path(cfg.tokens)
+    if cfg.tokens is None:
+        if not lineage.exists():
+            raise FileNotFoundError(f"{cfg.checkpoint} was pretrained on {lineage}, which is not here: "
+                                    f"`dvc pull` it or pass evaluate.tokens=<its copy>")
+        return lineage
+    if lineage.resolve() != Path(cfg.tokens).resolve():
+        # A copy (a DVC checkout, another machine) is fine; shards of other data would hold other documents.
+        log.warning("evaluate: pretraining read %s, evaluation reads %s: perplexity is comparable only if "
+                    "both hold the same held-out documents", lineage, cfg.tokens)
+    return Path(cfg.tokens)
 
 
 def heldout_tokens(cfg: EvaluateConfig, tokenizer) -> np.ndarray:
-    """The held-out token stream pretraining measured perplexity on (same documents, same order)."""
-    return token_stream(heldout_texts(cfg.dataset, heldout_fraction_of(cfg))[1], tokenizer)
+    """The first `perplexity_windows` windows' worth of the held-out split: what pretraining measured on."""
+    shards = TokenShards(tokens_of(cfg), "heldout")
+    check_tokenizer(shards, cfg.checkpoint, tokenizer)
+    return shards.read(0, min(len(shards), cfg.perplexity_windows * cfg.seq_len + 1))
 
 
 @torch.no_grad()
@@ -302,7 +304,8 @@ def heldout_task(cfg: EvaluateConfig, model, tokenizer) -> TaskOutput:
     nlls = window_nlls(model, heldout_tokens(cfg, tokenizer), cfg.seq_len, cfg.perplexity_windows,
                        progress=cfg.progress)
     if not nlls:
-        raise ValueError(f"{cfg.dataset}: held-out text is shorter than one window of seq_len={cfg.seq_len} tokens")
+        raise ValueError(f"{tokens_of(cfg)}: the held-out split is shorter than one window of "
+                         f"seq_len={cfg.seq_len} tokens")
     ppl, ppl_se = perplexity_stderr(list(nlls.values()))
     metrics = {**summarize("eval/heldout/nll", nlls), "eval/heldout/perplexity": ppl,
                "eval/heldout/perplexity_stderr": ppl_se}

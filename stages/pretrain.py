@@ -26,11 +26,10 @@ import torch
 from stages import checkpoint as ckpt
 from stages import planner
 from stages.config import to_dict
-from stages.dataset import is_heldout, read_dataset, write_atomically
 from stages.model import ModelConfig, active_parameters, build_model, count_parameters, loss_parts
 from stages.plots import plot_curves
 from stages.token_shards import TokenShards
-from stages.tokenize import tokenizer_hash
+from stages.tokenize import separator_id, tokenizer_hash
 from stages.tracking import NullTracker, Tracker
 from stages.train_loop import TrainConfig, dist_info, train
 
@@ -61,41 +60,6 @@ class PretrainResult:
     metrics: dict[str, float]
 
 
-# --- text -> tokens in memory: SFT's pretraining replay and evaluate's held-out split still read
-# the dataset this way (they are not pretraining's inputs; moving them to the shards is their change).
-
-
-def token_stream(texts: list[str], tokenizer) -> np.ndarray:
-    """Documents tokenized and joined, each followed by the bos token (the document separator)."""
-    sep = tokenizer.bos_token_id
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return np.fromiter((t for doc in ids for t in (*doc, sep)), dtype=np.int32)
-
-
-def heldout_texts(dataset: Path, heldout_fraction: float) -> tuple[list[str], list[str]]:
-    """(train, held-out) texts, split by record id."""
-    df = read_dataset(dataset)
-    held = df["id"].map(lambda rid: is_heldout(rid, heldout_fraction))
-    return df.loc[~held, "text"].tolist(), df.loc[held, "text"].tolist()
-
-
-def tokenize_corpus(dataset: Path, tokenizer, heldout_fraction: float, cache: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(train, held-out) token streams; cached as .npy so retries skip the work."""
-    files = cache / "train.npy", cache / "heldout.npy"
-    if not all(f.exists() for f in files):
-        for path, texts in zip(files, heldout_texts(dataset, heldout_fraction), strict=True):
-            stream = token_stream(texts, tokenizer)
-            write_atomically(path, lambda tmp, stream=stream: np.save(tmp, stream))
-    return np.load(files[0]), np.load(files[1])
-
-
-def windows_at(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
-    """`batch_size` windows at offsets that depend only on (seed, step): resumable sampling."""
-    rng = np.random.default_rng([seed, step])
-    starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)
-    return torch.from_numpy(np.stack([tokens[s : s + seq_len] for s in starts]).astype(np.int64))
-
-
 def open_shards(cfg: PretrainConfig) -> tuple[TokenShards, TokenShards]:
     """(train, held-out) splits of `cfg.tokens`, refused if another tokenizer made them."""
     train_split, heldout = TokenShards(cfg.tokens, "train"), TokenShards(cfg.tokens, "heldout")
@@ -108,6 +72,47 @@ def open_shards(cfg: PretrainConfig) -> tuple[TokenShards, TokenShards]:
         raise ValueError(f"{train_split.root}: only {len(train_split)} training tokens, fewer than "
                          f"seq_len+1={cfg.seq_len + 1}")
     return train_split, heldout
+
+
+ROUND_TRIP_TOKENS = 1024  # tokens of whole documents the tokenizer check re-encodes (a few ms)
+ROUND_TRIP_MAX_DOC = 4096  # longer documents are skipped: the check stays cheap on any corpus
+ROUND_TRIP_DOCS = 1000  # documents looked at, at most
+
+
+def check_tokenizer(shards: TokenShards, tokenizer_dir: Path, tokenizer=None) -> None:
+    """Refuse token shards made by another tokenizer than the one a checkpoint (`tokenizer_dir`) carries.
+
+    Ids of one vocabulary read by a model of another train (or score) without error and mean nothing.
+    The files' hash decides first, as for pretraining (`open_shards`, which reads the tokenizer folder
+    the shards were made with and accepts nothing else). A checkpoint carries its tokenizer re-saved
+    (save_pretrained adds keys to tokenizer_config.json, so that hash differs): then the vocabulary
+    size and document separator must match, and the split's first documents (about ROUND_TRIP_TOKENS
+    tokens), decoded, must re-encode to exactly their ids. Ids of other merges decode to text this
+    tokenizer splits differently; a short document can survive that by chance, a thousand tokens do not.
+    """
+    if tokenizer_hash(tokenizer_dir) == shards.tokenizer_hash:
+        return
+    tokenizer = tokenizer if tokenizer is not None else ckpt.load_tokenizer(tokenizer_dir)
+    why = ""
+    if len(tokenizer) != shards.vocab_size or separator_id(tokenizer) != shards.separator_id:
+        why = (f"vocabulary {len(tokenizer)} and separator {separator_id(tokenizer)}, not "
+               f"{shards.vocab_size} and {shards.separator_id}")
+    starts = shards.doc_starts[:ROUND_TRIP_DOCS + 1].tolist()
+    ends = [*starts[1:], len(shards)][:ROUND_TRIP_DOCS]
+    checked = 0
+    for k, (lo, hi) in enumerate(zip(starts, ends)):
+        if why or checked >= ROUND_TRIP_TOKENS:
+            break
+        if hi - lo > ROUND_TRIP_MAX_DOC:
+            continue
+        ids = shards.read(lo, hi - 1).tolist()  # without its separator
+        if tokenizer(tokenizer.decode(ids), add_special_tokens=False)["input_ids"] != ids:
+            why = f"document {k} of the {shards.split} split does not re-encode to its ids"
+        checked += len(ids)
+    if why:
+        raise ValueError(f"{shards.root} was tokenized by another tokenizer than {tokenizer_dir}'s ({why}; "
+                         f"hash {shards.tokenizer_hash}, not {tokenizer_hash(tokenizer_dir)}): "
+                         f"re-run the tokenize stage with tokenizer={tokenizer_dir}")
 
 
 def shard_batch(shards: TokenShards, step: int, seq_len: int, batch_size: int, seed: int) -> dict[str, torch.Tensor]:

@@ -1,6 +1,7 @@
 """Supervised fine-tuning on chat examples, with the loss on the assistant's tokens only.
 
     flywheel stage sft dataset=data/clean policy=<checkpoint> output_dir=/tmp/sft train.max_steps=50
+    flywheel stage sft dataset=data/clean replay_fraction=0.125 tokens=data/tokens policy=<ckpt> output_dir=/tmp/sft
     flywheel stage sft messages=chats.jsonl replay_fraction=0 policy=<ckpt> output_dir=/tmp/sft packing=true
     flywheel stage sft gsm8k=../shared/datasets/gsm8k/train.jsonl replay_fraction=0 policy=<ckpt> output_dir=/tmp/sft lora.r=64
 
@@ -20,6 +21,11 @@ and no token attends across examples: with `position_ids` and no 2D attention ma
 mask builder reads the restarts as sequence boundaries and makes the causal mask block-diagonal.
 Every batch carries `loss_tokens` per row, so gradient accumulation averages over the whole batch's
 assistant tokens. `lora.r > 0` trains a LoRA adapter instead of every weight (stages/lora.py).
+
+`replay_fraction > 0` fills that share of every batch with windows of pretraining text (loss on every
+token) from the training split of `tokens`, the tokenize stage's shards (memory-mapped: nothing is
+tokenized here); the windows of a step are pretraining's batch of that step, a function of
+(train.seed, step), so resuming replays the same text.
 """
 
 from __future__ import annotations
@@ -38,9 +44,10 @@ from stages.chat import (TASK_TYPES, TemplateError, conversation_ids, load_probl
 from stages.config import to_dict
 from stages.dataset import write_atomically, write_jsonl
 from stages.lora import LoraConfig
-from stages.pretrain import lm_loss, tokenize_corpus, windows_at
+from stages.pretrain import check_tokenizer, lm_loss
 from stages.tasks.arithmetic import target
 from stages.tasks.gsm8k import load_gsm8k, sft_records
+from stages.token_shards import TokenShards
 from stages.tracking import NullTracker, Tracker
 from stages.train_loop import TrainConfig, pick_device, tune_policy
 
@@ -53,7 +60,7 @@ RAW_CHARS = 200  # quarantine keeps a prefix of a bad record: enough to debug, n
 class SFTConfig:
     policy: Path  # checkpoint to start from
     output_dir: Path
-    dataset: Path | None = None  # arithmetic problems (the default examples) and the replay text
+    dataset: Path | None = None  # arithmetic problems (the default examples)
     messages: Path | None = None  # chat records (JSONL/Parquet); replaces the arithmetic examples
     gsm8k: Path | None = None  # a GSM8K-format JSONL; replaces the arithmetic examples
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100, lr=1e-3, warmup_steps=5))
@@ -65,7 +72,9 @@ class SFTConfig:
     # model forgets language while it learns the chat format.
     replay_fraction: float = 0.0
     replay_seq_len: int = 64
-    heldout_fraction: float = 0.02  # pretraining's split, so replay never sees held-out text
+    # The tokenize stage's output the replay rows come from: its training split only, so replay never
+    # sees the held-out documents that evaluation measures perplexity on.
+    tokens: Path | None = None
     lineage: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -75,9 +84,11 @@ class SFTConfig:
             raise ValueError("sft.messages and sft.gsm8k are two sources of examples: set one of them")
         if self.dataset is None and self.messages is None and self.gsm8k is None:
             raise ValueError("sft: set sft.dataset (arithmetic examples), sft.messages or sft.gsm8k")
-        if self.replay_fraction and self.dataset is None:
-            raise ValueError(f"sft.replay_fraction={self.replay_fraction} replays sft.dataset's text: set sft.dataset "
-                             "or sft.replay_fraction=0")
+        if self.replay_fraction and self.tokens is None:
+            raise ValueError(f"sft.replay_fraction={self.replay_fraction} replays pretraining text from token shards: "
+                             "set sft.tokens=<a tokenize stage's output> or sft.replay_fraction=0")
+        if self.replay_fraction and self.replay_seq_len < 2:
+            raise ValueError(f"sft.replay_seq_len must be >= 2 (a token and the next one), got {self.replay_seq_len}")
         if self.seq_len < 0 or self.batch_size < 1:
             raise ValueError(f"sft.seq_len must be >= 0 and sft.batch_size >= 1, got {self.seq_len}, {self.batch_size}")
 
@@ -225,6 +236,33 @@ def report_metrics(report: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
+# --- pretraining replay ------------------------------------------------------------------------
+
+
+def replay_shards(cfg: SFTConfig, tokenizer) -> TokenShards:
+    """The training split of `cfg.tokens`, refused if the policy's tokenizer did not make it or it
+    holds no window of `replay_seq_len` tokens."""
+    shards = TokenShards(cfg.tokens, "train")
+    check_tokenizer(shards, cfg.policy, tokenizer)
+    if shards.windows_per_epoch(cfg.replay_seq_len - 1) == 0:
+        raise ValueError(f"{shards.root}: {len(shards)} training tokens, no window of "
+                         f"sft.replay_seq_len={cfg.replay_seq_len}")
+    return shards
+
+
+def replay_windows(shards: TokenShards, step: int, cfg: SFTConfig) -> np.ndarray:
+    """The replay rows of `step`: `replay_seq_len` tokens each, a pure function of (train.seed, step).
+
+    Pretraining's batch of the same step (TokenShards.batch_at: windows of an epoch in a seeded
+    permutation), so a resumed run replays exactly the windows an uninterrupted one would. A window
+    of `replay_seq_len - 1` inputs and their next tokens is `replay_seq_len` tokens of text; the model
+    shifts the labels itself here.
+    """
+    n = round(cfg.batch_size * cfg.replay_fraction)
+    b = shards.batch_at(step, cfg.replay_seq_len - 1, n, cfg.train.seed)
+    return np.concatenate([b["input_ids"], b["targets"][:, -1:]], axis=1)
+
+
 # --- the stage ---------------------------------------------------------------------------------
 
 
@@ -234,12 +272,13 @@ def run(cfg: SFTConfig, tracker: Tracker | None = None) -> SFTResult:
     device = pick_device()
     tokenizer = ckpt.load_tokenizer(cfg.policy)
     source, located = source_records(cfg)  # a missing file fails here, before the model loads
+    n_replay = round(cfg.batch_size * cfg.replay_fraction)
+    replay = replay_shards(cfg, tokenizer) if n_replay else None  # so do foreign or too short shards
     model = ckpt.load_policy(cfg.policy, cfg.lora, device=device, where="sft.lora", seed=cfg.train.seed)
     context = model.config.max_position_embeddings
     if cfg.seq_len > context:
         raise ValueError(f"sft.seq_len={cfg.seq_len} exceeds the model's context of {context} tokens")
     seq_len = cfg.seq_len or context
-    n_replay = round(cfg.batch_size * cfg.replay_fraction)
     if cfg.packing and n_replay and cfg.replay_seq_len > seq_len:
         raise ValueError(f"sft.replay_seq_len={cfg.replay_seq_len} must fit a packed row of sft.seq_len={seq_len}")
 
@@ -253,21 +292,18 @@ def run(cfg: SFTConfig, tracker: Tracker | None = None) -> SFTResult:
     report = data_report(source, cfg, examples, quarantine, rows, seq_len)
     write_atomically(out / REPORT, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
     data_metrics = report_metrics(report)
-    if n_replay:
-        corpus, _ = tokenize_corpus(cfg.dataset, tokenizer, cfg.heldout_fraction, out / "tokens")
     tracker.log_params({"stage": "sft", **to_dict(cfg), "data/examples": len(examples)})
     tracker.log_metrics(data_metrics, step=0)
 
-    # Each batch row: one example, or with packing one packed row; replay rows are one corpus window.
+    # Each batch row: one example, or with packing one packed row; replay rows are one shard window.
     units = [[(ex.ids, ex.mask) for ex in row] for row in rows] if rows is not None \
         else [[(ex.ids, ex.mask)] for ex in examples]
 
     def batch_at(step: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([cfg.train.seed, step])
         picked = [units[i] for i in rng.integers(0, len(units), size=cfg.batch_size - n_replay)]
-        if n_replay:
-            windows = windows_at(corpus, cfg.replay_seq_len, n_replay, cfg.train.seed, step).tolist()
-            picked += [[(w, [1] * len(w))] for w in windows]
+        if replay is not None:
+            picked += [[(w, [1] * len(w))] for w in replay_windows(replay, step, cfg).tolist()]
         batch = collate(picked, tokenizer.pad_token_id, seq_len if cfg.packing else None)
         if cfg.packing:
             del batch["attention_mask"]  # the restarting position_ids carry the example boundaries

@@ -25,9 +25,7 @@ from stages import checkpoint as ckpt
 from stages import evaluate
 from stages.chat import load_problems
 from stages.config import ConfigError, from_dict, load_preset, parse_overrides
-from stages.evaluate import (EvaluateConfig, HeldoutSplitMismatch, HeldoutSplitUnknown, MissingTokenizer,
-                             read_items)
-from stages.pretrain import heldout_texts, token_stream
+from stages.evaluate import EvaluateConfig, HeldoutSplitUnknown, MissingTokenizer, read_items
 from stages.rollout import Samples
 from stages.tasks import multiple_choice as mc
 from stages.tasks.multiple_choice import MMLUFormatError
@@ -154,47 +152,63 @@ def test_heldout_perplexity_matches_pretraining(corpus: Path, pretrained: Traine
 
 
 def test_heldout_split_is_pretrainings_along_the_lineage(corpus: Path, pretrained: Trained, sft_trained: Trained,
-                                                         tmp_path: Path) -> None:
+                                                         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     heldout = TokenShards(pretrained.cfg.tokens, "heldout")  # the held-out shards pretraining measured on
     pretraining_tokens = heldout.read(0, len(heldout))
     tok = ckpt.load_tokenizer(pretrained.checkpoint)
     for trained in (pretrained, sft_trained):  # SFT's meta.json names pretraining as its parent
-        cfg = EvaluateConfig(checkpoint=trained.checkpoint, dataset=corpus, output_dir=tmp_path)
-        assert np.array_equal(evaluate.heldout_tokens(cfg, tok), pretraining_tokens)
+        cfg = EvaluateConfig(checkpoint=trained.checkpoint, dataset=corpus, output_dir=tmp_path, seq_len=64,
+                             perplexity_windows=4)
+        assert evaluate.tokens_of(cfg) == Path(pretrained.cfg.tokens)
+        # Read from the held-out split, memory-mapped: just the windows measured (4 of 64 + the last target).
+        assert np.array_equal(evaluate.heldout_tokens(cfg, tok), pretraining_tokens[: 4 * 64 + 1])
 
-    # A lineage pretrained with another fraction gives that fraction's split, with no setting to forget:
-    # read from the ancestry embedded in meta.json (a registry copy has no parent folders)...
+    # Shards named in the lineage are read with no setting to forget: from the ancestry embedded in
+    # meta.json (a registry copy has no parent folders)...
+    moved = Path(shutil.copytree(pretrained.cfg.tokens, tmp_path / "moved-tokens"))
     child = copy_checkpoint(sft_trained.checkpoint, tmp_path / "sft")
-    edit_meta(child, lambda m: (m["parent_meta"]["config"].update(heldout_fraction=0.3),
+    edit_meta(child, lambda m: (m["parent_meta"]["config"].update(tokens=str(moved)),
                                 m.update(parent=str(tmp_path / "gone"))))
     cfg = EvaluateConfig(checkpoint=child, dataset=corpus, output_dir=tmp_path)
-    assert evaluate.heldout_fraction_of(cfg) == 0.3
+    assert evaluate.tokens_of(cfg) == moved
     # ... or, for a checkpoint written before configs were embedded, from the parent's folder.
     base, old = copy_checkpoint(pretrained.checkpoint, tmp_path / "pt"), copy_checkpoint(sft_trained.checkpoint, tmp_path / "old")
-    edit_meta(base, lambda m: m["config"].update(heldout_fraction=0.3))
+    edit_meta(base, lambda m: m["config"].update(tokens=str(moved)))
     edit_meta(old, lambda m: (m["parent_meta"].pop("config"), m.update(parent=str(base))))
-    assert evaluate.heldout_fraction_of(replace(cfg, checkpoint=old)) == 0.3
-    wider = evaluate.heldout_tokens(cfg, tok)
-    assert np.array_equal(wider, token_stream(heldout_texts(corpus, 0.3)[1], tok)) and len(wider) > 3 * len(pretraining_tokens)
+    assert evaluate.tokens_of(replace(cfg, checkpoint=old)) == moved
 
-    # Saying the fraction out loud is allowed only when it agrees.
-    assert evaluate.heldout_fraction_of(replace(cfg, heldout_fraction=0.3)) == 0.3
-    with pytest.raises(HeldoutSplitMismatch, match=r"heldout_fraction=0\.02 but .* pretrained with heldout_fraction=0\.3"):
-        evaluate.heldout_fraction_of(replace(cfg, heldout_fraction=0.02))
+    # Naming other shards is allowed (a copy, a DVC checkout) but said out loud.
+    with caplog.at_level("WARNING", logger="stages.evaluate"):
+        assert evaluate.tokens_of(replace(cfg, tokens=pretrained.cfg.tokens)) == Path(pretrained.cfg.tokens)
+    assert f"pretraining read {moved}, evaluation reads {pretrained.cfg.tokens}" in caplog.text
+    # Shards the lineage names but this machine lacks: a clear error, not another split.
+    shutil.rmtree(moved)
+    with pytest.raises(FileNotFoundError, match=r"pretrained on .*moved-tokens, which is not here"):
+        evaluate.tokens_of(cfg)
 
 
-def test_no_pretraining_in_the_lineage_is_a_clear_error(corpus: Path, sft_trained: Trained, tmp_path: Path) -> None:
+def test_heldout_refuses_shards_of_another_tokenizer(corpus: Path, pretrained: Trained, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(pretrained.cfg.tokens, tmp_path / "tokens"))
+    index = json.loads((copy / "index.json").read_text())
+    (copy / "index.json").write_text(json.dumps({**index, "vocab_size": index["vocab_size"] + 1}))
+    cfg = EvaluateConfig(checkpoint=pretrained.checkpoint, dataset=corpus, output_dir=tmp_path / "out", tokens=copy,
+                         tasks=("heldout",), progress=False)
+    with pytest.raises(ValueError, match=r"tokenized by another tokenizer .*vocabulary \d+ and separator"):
+        evaluate.run(cfg)
+
+
+def test_no_pretraining_in_the_lineage_is_a_clear_error(corpus: Path, sft_trained: Trained, pretrained: Trained,
+                                                        tmp_path: Path) -> None:
     orphan = copy_checkpoint(sft_trained.checkpoint, tmp_path / "orphan")
     edit_meta(orphan, lambda m: m.update(parent=str(tmp_path / "gone")))
-    # With its parent folder gone, the ancestry embedded in meta.json still names pretraining's fraction
-    # (the tests' pretraining keeps PretrainConfig's default, 0.02).
-    assert evaluate.heldout_fraction_of(EvaluateConfig(checkpoint=orphan, dataset=corpus, output_dir=tmp_path)) == 0.02
-    edit_meta(orphan, lambda m: m.update(parent_meta=None))  # no embedded ancestry either (an old checkpoint)
+    # With its parent folder gone, the ancestry embedded in meta.json still names pretraining's shards.
     cfg = EvaluateConfig(checkpoint=orphan, dataset=corpus, output_dir=tmp_path / "out", tasks=("heldout",))
+    assert evaluate.tokens_of(cfg) == Path(pretrained.cfg.tokens)
+    edit_meta(orphan, lambda m: m.update(parent_meta=None))  # no embedded ancestry either (an old checkpoint)
     with pytest.raises(HeldoutSplitUnknown, match=r"no pretraining checkpoint in its lineage \(sft at .*orphan -> "
-                                                  r"no meta\.json in .*gone\); pass evaluate\.heldout_fraction="):
+                                                  r"no meta\.json in .*gone\); pass evaluate\.tokens="):
         evaluate.run(cfg)
-    assert evaluate.heldout_fraction_of(replace(cfg, heldout_fraction=0.05)) == 0.05  # e.g. a model from the Hub
+    assert evaluate.tokens_of(replace(cfg, tokens=tmp_path)) == tmp_path  # e.g. a model from the Hub
 
 
 # --- bad input -------------------------------------------------------------------------------

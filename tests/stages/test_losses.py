@@ -27,7 +27,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from stages import dpo, grpo, rewards
 from stages.dpo import dpo_loss
 from stages.grpo import group_advantages, grpo_loss
-from stages.pretrain import heldout_perplexity, lm_loss, unigram_perplexity, windows_at
+from stages.pretrain import heldout_perplexity, lm_loss, unigram_perplexity
+from stages.sft import SFTConfig, replay_windows
+from stages.token_shards import TokenShards
 from stages.rewards import combined, correctness, well_formatted
 
 
@@ -484,11 +486,20 @@ def test_heldout_perplexity_without_heldout_tokens_is_nan(tiny_lm: LlamaForCausa
     assert math.isfinite(heldout_perplexity(tiny_lm, np.arange(9), seq_len=8, max_windows=4))
 
 
-def test_windows_depend_only_on_seed_and_step() -> None:
-    tokens = np.arange(1000, dtype=np.int32)
-    a = windows_at(tokens, seq_len=16, batch_size=4, seed=0, step=5)
-    assert a.shape == (4, 16) and a.dtype == torch.int64
-    assert torch.equal(a, windows_at(tokens, 16, 4, seed=0, step=5))
-    assert not torch.equal(a, windows_at(tokens, 16, 4, seed=0, step=6))
-    assert not torch.equal(a, windows_at(tokens, 16, 4, seed=1, step=5))
-    assert (a[:, 1:] - a[:, :-1] == 1).all()  # contiguous slices of the stream
+def test_sft_replay_windows_are_training_shard_windows_fixed_by_seed_and_step(tokens: Path, tmp_path: Path) -> None:
+    cfg = SFTConfig(dataset=tmp_path, policy=tmp_path, output_dir=tmp_path, tokens=tokens, batch_size=8,
+                    replay_fraction=0.5, replay_seq_len=16)
+    train, heldout = TokenShards(tokens, "train"), TokenShards(tokens, "heldout")
+    a = replay_windows(train, 5, cfg)
+    assert a.shape == (4, 16) and a.dtype == np.int64
+    assert np.array_equal(a, replay_windows(TokenShards(tokens, "train"), 5, cfg))  # a resumed run: same rows
+    assert not np.array_equal(a, replay_windows(train, 6, cfg))
+    assert not np.array_equal(a, replay_windows(train, 5, SFTConfig(**{**vars(cfg), "train": type(cfg.train)(seed=1)})))
+    # Each row is 16 consecutive tokens of the training split (pretraining's window of that step).
+    stream = train.read(0, len(train))
+    for row, w in zip(a, train.window_indices(5, 15, 4, seed=cfg.train.seed), strict=True):
+        assert np.array_equal(row, stream[w * 15 : w * 15 + 16])
+    # ... never of the held-out split: no row is a slice of it.
+    held = heldout.read(0, len(heldout))
+    assert len(held) >= 16
+    assert not any(np.array_equal(row, held[i : i + 16]) for row in a for i in range(len(held) - 15))

@@ -16,12 +16,16 @@ import torch
 from transformers.masking_utils import create_causal_mask
 
 from stages import checkpoint as ckpt
-from stages import sft
+from stages import collect, sft, tokenize, tokenizer
 from stages.chat import TASK_TYPES, conversation_ids, prompt_and_response, read_records, record_problem
-from stages.pretrain import lm_loss
+from stages.pretrain import check_tokenizer, lm_loss
 from stages.rewards import correctness, well_formatted
 from stages.sft import QUARANTINE, REPORT, SFTConfig, collate, encode_examples, packed_lm_loss
+from stages.collect import CollectConfig
 from stages.tasks import gsm8k
+from stages.token_shards import TokenShards
+from stages.tokenize import TokenizeConfig, tokenizer_hash
+from stages.tokenizer import TokenizerConfig
 from stages.tracking import RecordingTracker
 
 from .conftest import Trained, quiet_train
@@ -258,8 +262,26 @@ def test_sft_needs_exactly_one_source_of_examples(tmp_path: Path) -> None:
         SFTConfig(messages=tmp_path, gsm8k=tmp_path, policy=tmp_path, output_dir=tmp_path)
     with pytest.raises(ValueError, match="sft.dataset"):
         SFTConfig(policy=tmp_path, output_dir=tmp_path)
-    with pytest.raises(ValueError, match="replay_fraction"):
+    with pytest.raises(ValueError, match=r"replay_fraction=0\.5 replays pretraining text .*set sft\.tokens="):
         SFTConfig(messages=tmp_path, policy=tmp_path, output_dir=tmp_path, replay_fraction=0.5)
+
+
+def test_replay_refuses_shards_of_another_tokenizer_before_training(corpus: Path, tokens: Path, pretrained: Trained,
+                                                                    tmp_path: Path) -> None:
+    # Same vocabulary size and separator, other merges (trained on less text): only the ids differ.
+    small = collect.run(CollectConfig(output_dir=tmp_path / "collect", max_builtin_chars=40_000,
+                                      arithmetic_problems=50)).dataset
+    other_tok = tokenizer.run(TokenizerConfig(dataset=small, output_dir=tmp_path / "tok", vocab_size=1024)).tokenizer_dir
+    other = tokenize.run(TokenizeConfig(dataset=corpus, tokenizer=other_tok, output_dir=tmp_path / "shards")).tokens
+    assert TokenShards(other).vocab_size == TokenShards(tokens).vocab_size
+    cfg = SFTConfig(dataset=corpus, policy=pretrained.checkpoint, output_dir=tmp_path / "sft", batch_size=8,
+                    replay_fraction=0.25, tokens=other, train=quiet_train(max_steps=1, warmup_steps=0))
+    with pytest.raises(ValueError, match=r"tokenized by another tokenizer .*does not re-encode to its ids"):
+        sft.run(cfg)
+    assert not (tmp_path / "sft" / "checkpoints").exists()
+    # The policy's own shards pass, though its checkpoint carries the tokenizer re-saved (another file hash).
+    assert tokenizer_hash(pretrained.checkpoint) != TokenShards(tokens).tokenizer_hash
+    check_tokenizer(TokenShards(tokens), pretrained.checkpoint)
 
 
 def test_default_arithmetic_examples_are_labelled_closed_qa(sft_trained: Trained) -> None:

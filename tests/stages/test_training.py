@@ -277,11 +277,11 @@ def test_sft_batches_put_loss_on_assistant_tokens_only(corpus: Path, pretrained:
 
 
 
-def test_sft_replay_rows_are_corpus_windows_with_loss_on_every_token(corpus: Path, pretrained: Trained,
+def test_sft_replay_rows_are_corpus_windows_with_loss_on_every_token(corpus: Path, tokens: Path, pretrained: Trained,
                                                                      tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     seen = record_sft_batches(monkeypatch)
-    sft.run(SFTConfig(dataset=corpus, policy=pretrained.checkpoint, output_dir=tmp_path, batch_size=8,
+    sft.run(SFTConfig(dataset=corpus, tokens=tokens, policy=pretrained.checkpoint, output_dir=tmp_path, batch_size=8,
                       replay_fraction=0.25, replay_seq_len=16, train=quiet_train(max_steps=1, warmup_steps=1)))
     (batch,) = seen
     tok = ckpt.load_tokenizer(pretrained.checkpoint)
