@@ -404,9 +404,14 @@ def train(
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     peak, peak_source = peak_flops(device, cfg.peak_flops) if flops_per_token else (None, "")
+    if peak and world > 1 and device.type == "cpu" and cfg.peak_flops is None:
+        # Every rank has the same thread count, so one peak x world stands for the job; the ranks'
+        # measurements differ by other processes' load (171 vs 98 GFLOP/s seen on a shared 2-core
+        # machine), and the highest is the best estimate of the ceiling (it keeps MFU from inflating).
+        best = torch.tensor(peak, dtype=torch.float64)
+        dist.all_reduce(best, op=dist.ReduceOp.MAX)
+        peak = float(best)
     if peak and rank == 0:
-        # Each rank has the same device (or, on CPU, the same thread count), so rank 0's peak x world
-        # stands for the whole job's; ranks' measured CPU peaks differ only by noise.
         log.info("%s: MFU against %.3g FLOP/s per worker x %d (%s)", desc, peak, world, peak_source)
 
     history = _start_metrics_log(output_dir, start) if rank == 0 else []
