@@ -97,7 +97,11 @@ def test_a_lifecycle_killed_in_pretraining_resumes_and_registers_the_uninterrupt
     finally:
         ray_executor.shutdown()
 
-    run_dir = _kill_during_pretraining(runs_dir, {Path(reference["run_dir"])}, tmp_path / "killed.log")
+    # every run folder already there (the reference's, and other tests' runs in this session's state
+    # root, with pretrain checkpoints of their own) is not the killed run's
+    before = set(runs_dir.iterdir())
+    assert Path(reference["run_dir"]) in before
+    run_dir = _kill_during_pretraining(runs_dir, before, tmp_path / "killed.log")
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "running" and record["overrides"] == CONFIG
     assert not (run_dir / "pretrain" / "final").exists(), "the kill came after pretraining finished"

@@ -66,7 +66,7 @@ def test_lifecycle_sets_the_sft_adapter_as_sft_lora(tmp_path: Path) -> None:
     from flows.lifecycle_config import LifecycleConfig
 
     cfg = LifecycleConfig.load("tiny", ["sft.lora.r=64"]).build("sft", dataset=tmp_path, policy=tmp_path,
-                                                                output_dir=tmp_path)
+                                                                tokens=tmp_path, output_dir=tmp_path)
     assert cfg.lora.r == 64 and cfg.lora.alpha == 16
 
 
