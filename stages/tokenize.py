@@ -37,7 +37,6 @@ import pyarrow.parquet as pq
 from stages.config import to_dict
 from stages.dataset import (QuarantineLog, atomic_dir, commit_dir, dataset_shards, file_digest, fingerprint,
                             is_heldout, write_atomically, write_report)
-from stages.tokenizer import DOC_SEPARATOR
 from stages.tracking import NullTracker, Tracker
 
 VERSION = 1  # bump when the shard layout or the tokenization changes meaning
@@ -102,16 +101,16 @@ def _load_tokenizer(path: str):
 
 
 def separator_id(tokenizer) -> int:
-    """The document separator: the project's `<|endoftext|>` (pretrain joins documents with it), else EOS.
+    """The document separator: bos, else eos.
 
-    The project's tokenizer has `<|end|>` as EOS: it ends chat turns, so it must not also mean "new document".
+    Not eos first: the project's tokenizer (bos `<|endoftext|>`, eos `<|end|>`) and every base model
+    that base_model prepares end chat turns with eos, so it must not also mean "new document";
+    base_model gives a tokenizer without bos one (Qwen2's `<|endoftext|>`).
     """
-    sep = tokenizer.convert_tokens_to_ids(DOC_SEPARATOR)
-    if sep is not None and sep != tokenizer.unk_token_id:
-        return int(sep)
-    if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer has neither {DOC_SEPARATOR} nor an eos token to separate documents")
-    return int(tokenizer.eos_token_id)
+    for sep in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if sep is not None:
+            return int(sep)
+    raise ValueError("the tokenizer has neither a bos nor an eos token to separate documents")
 
 
 @dataclass(frozen=True)

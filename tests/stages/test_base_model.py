@@ -25,6 +25,7 @@ from stages.chat import prompt_and_response, prompt_ids, prompt_text
 from stages.config import from_dict, parse_overrides
 from stages.model import ModelConfig, build_model
 from stages.rollout import pad_right, sample, token_logprobs
+from stages.tokenize import separator_id
 from stages.tokenizer import END_OF_TURN, PAD, REASONING_MARKERS, ROLES, train_tokenizer
 from stages.tracking import RecordingTracker
 
@@ -96,6 +97,12 @@ def test_prepare_adds_what_each_family_lacks_and_keeps_its_architecture(bases: B
     # The stages append eos after every reply; the template must write exactly that token there.
     assert render(tok, "5").startswith(render(tok) + "5" + tok.eos_token)
     assert tok.eos_token_id in json.loads((final / "generation_config.json").read_text())["eos_token_id"]
+
+
+@pytest.mark.parametrize("arch", foreign.ARCHITECTURES)
+def test_replayed_documents_are_separated_by_bos_never_by_the_end_of_turn(bases: Bases, arch: str) -> None:
+    tok = AutoTokenizer.from_pretrained(bases.prepared(arch))
+    assert separator_id(tok) == tok.convert_tokens_to_ids(EXPECTED[arch]["bos"]) != tok.eos_token_id
 
 
 @pytest.mark.parametrize("arch", foreign.ARCHITECTURES)
