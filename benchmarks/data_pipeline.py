@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/data_pipeline.py --repeats 3            # full run (~25k docs)
     .venv/bin/python benchmarks/data_pipeline.py --small --repeats 1    # smoke test (~3k docs)
+    .venv/bin/python benchmarks/data_pipeline.py --filters all --sides ours,ours_ray1,ours_ray2 --files 16
+                                                    # Ray 1 vs 2 CPUs with every filter of ours
 
 The same pipeline on both sides, from the same JSONL files to a written deduplicated output:
 Gopher quality filter (Rae et al. defaults), exact dedup (text lowercased, whitespace collapsed,
@@ -162,7 +164,7 @@ def input_files(work: Path) -> list[Path]:
 # --- ours -----------------------------------------------------------------------------------------
 
 
-def run_ours(work: Path, out: Path, ray_cpus: int | None) -> dict[str, Any]:
+def run_ours(work: Path, out: Path, ray_cpus: int | None, filters: str = "gopher") -> dict[str, Any]:
     from stages import clean, collect, dedup
     from stages.dataset import dataset_shards
 
@@ -184,11 +186,15 @@ def run_ours(work: Path, out: Path, ray_cpus: int | None) -> dict[str, Any]:
                     mapper=mapper)
     stage_s["collect"] = time.perf_counter() - start
     t = time.perf_counter()
-    k = clean.run(clean.CleanConfig(
-        input_dir=c.dataset, output_dir=out / "clean", builtin_per_source=False,
-        language=clean.LanguageConfig(enabled=False, record=False), gopher_repetition=clean.GopherRepetitionConfig(**off),
-        c4=clean.C4Config(**off), fineweb=clean.FineWebConfig(**off), toxicity=clean.ToxicityConfig(**off),
-        pii=clean.PIIConfig(**off)), mapper=mapper)
+    if filters == "all":  # clean as the lifecycle runs it: language id, Gopher, C4, FineWeb, toxicity, PII
+        clean_cfg = clean.CleanConfig(input_dir=c.dataset, output_dir=out / "clean", builtin_per_source=False)
+    else:
+        clean_cfg = clean.CleanConfig(
+            input_dir=c.dataset, output_dir=out / "clean", builtin_per_source=False,
+            language=clean.LanguageConfig(enabled=False, record=False),
+            gopher_repetition=clean.GopherRepetitionConfig(**off), c4=clean.C4Config(**off),
+            fineweb=clean.FineWebConfig(**off), toxicity=clean.ToxicityConfig(**off), pii=clean.PIIConfig(**off))
+    k = clean.run(clean_cfg, mapper=mapper)
     stage_s["clean"] = time.perf_counter() - t
     t = time.perf_counter()
     d = dedup.run(dedup.DedupConfig(input_dir=k.dataset, output_dir=out / "dedup", shingle_size=SHINGLE,
@@ -296,7 +302,7 @@ PREIMPORT = {"ours": ["stages.collect", "stages.clean", "stages.dedup", "pyarrow
                            "datatrove.pipeline.readers", "datatrove.pipeline.writers", "xxhash"]}
 
 
-def worker(side: str, work: Path, out: Path, result: Path) -> None:
+def worker(side: str, work: Path, out: Path, result: Path, filters: str) -> None:
     import importlib
 
     import psutil
@@ -311,7 +317,7 @@ def worker(side: str, work: Path, out: Path, result: Path) -> None:
     elif side == "datatrove_w2":
         res = run_datatrove(work, out, workers=2)
     else:
-        res = run_ours(work, out, {"ours": None, "ours_ray1": 1, "ours_ray2": 2}[side])
+        res = run_ours(work, out, {"ours": None, "ours_ray1": 1, "ours_ray2": 2}[side], filters)
     res["import_rss_mb"] = import_rss  # the process after its imports, before any data
     result.write_text(json.dumps(res))
 
@@ -319,13 +325,13 @@ def worker(side: str, work: Path, out: Path, result: Path) -> None:
 # --- the driver -----------------------------------------------------------------------------------
 
 
-def run_side(side: str, work: Path, log_dir: Path) -> dict[str, Any]:
+def run_side(side: str, work: Path, log_dir: Path, filters: str) -> dict[str, Any]:
     from benchmarks.common import tree_rss_mb  # imports torch: the driver only, never a measured side
 
     result = work / f"result-{side}.json"
     result.unlink(missing_ok=True)
     log = open(log_dir / f"{side}.log", "w")
-    cmd = [sys.executable, __file__, "--worker", side, "--work", str(work)]
+    cmd = [sys.executable, __file__, "--worker", side, "--work", str(work), "--filters", filters]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO), "RAY_TQDM_PATCH_PRINT": "0"})
     peak = [0.0]
@@ -393,11 +399,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=Path("/tmp/fw-bench-data-pipeline"))
     ap.add_argument("--result-name", default=NAME)
+    ap.add_argument("--filters", choices=("gopher", "all"), default="gopher",
+                    help="clean with Gopher quality only (both sides), or with every filter of ours "
+                         "(language id, Gopher, C4, FineWeb, toxicity, PII: ours_* sides only)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        worker(args.worker, args.work, args.work / "out" / args.worker, args.work / f"result-{args.worker}.json")
+        worker(args.worker, args.work, args.work / "out" / args.worker, args.work / f"result-{args.worker}.json",
+               args.filters)
         return {}
+    if args.filters == "all" and any(not s.startswith("ours") for s in args.sides.split(",")):
+        sys.exit("--filters all runs only our sides (DataTrove would not run the same filters): "
+                 "--sides ours,ours_ray1,ours_ray2")
     if not (DATASETS / "tinyshakespeare" / "input.txt").is_file() or not PYDOC.is_dir():
         sys.exit(f"needs {DATASETS}/tinyshakespeare/input.txt and {PYDOC} (Debian's python3.11-doc)")
     from benchmarks.common import machine, markdown_table, median, write_results
@@ -416,7 +429,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for r in range(args.repeats):
         for side in (sides if r % 2 == 0 else sides[::-1]):  # alternate: drifting load hits every side alike
             before = load_average()
-            res = run_side(side, args.work, log_dir)
+            res = run_side(side, args.work, log_dir, args.filters)
             res["load_before"], res["load_after"] = before, load_average()
             res["docs_per_s"] = truth["documents"] / res["seconds"]
             res["quality"] = score(res, truth)
@@ -459,7 +472,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}")
     payload = {"corpus": {k: v for k, v in truth.items() if k not in ("near_of", "exact_of")},
-               "config": {"shingle": SHINGLE, "num_perm": BANDS * ROWS, "bands": BANDS, "rows": ROWS,
+               "config": {"filters": args.filters, "shingle": SHINGLE, "num_perm": BANDS * ROWS, "bands": BANDS, "rows": ROWS,
                           "ours_jaccard_threshold": 0.6, "datatrove": "0.10.1"},
                "repeats": args.repeats, "summary": summary, "ratios": ratios, "runs": runs, "table": table,
                "machine": {**machine(), "load_average_end": load_average()},
