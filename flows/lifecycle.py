@@ -35,6 +35,7 @@ from prefect.runtime import flow_run
 from mlflow import MlflowClient
 
 from flows import datasets, run_record
+from flows.abandoned import crash_abandoned
 from flows.lifecycle_config import LifecycleConfig
 from flows.serving import serve_flow
 from infra import ray_executor, ray_map
@@ -457,19 +458,26 @@ def lifecycle(preset: str = "tiny", overrides: list[str] | None = None, resume: 
 
 def _parent_run(record: run_record.RunRecord, cfg: LifecycleConfig, mlflow_uri: str
                 ) -> tuple[run_record.RunRecord, Any]:
-    """The run's MLflow parent run: reopened when the record names one, else started (and recorded)."""
+    """The run's MLflow parent run: reopened when the record names one, else started (and recorded).
+
+    A reopened run's earlier attempts left their Prefect flow runs unfinished if they were killed:
+    those are marked Crashed (the MLflow side is `reopen_run`'s)."""
+    this_flow_run = str(flow_run.id or "")
+    attempts = [*record.prefect_flow_run_ids, this_flow_run] if this_flow_run else record.prefect_flow_run_ids
     if record.mlflow_run_id:
         if (commit := git_commit()) != record.git_commit:
             get_run_logger().warning("resuming %s, started at commit %s, with the code of %s", record.name,
                                      record.git_commit, commit)
+        if crashed := crash_abandoned(record.prefect_flow_run_ids, resumed_by=this_flow_run):
+            get_run_logger().info("marked %d flow runs of the killed attempt Crashed", len(crashed))
         parent = reopen_run(mlflow_uri, record.mlflow_run_id)
-        parent.set_tags({"prefect.resumed_by_flow_run_id": str(flow_run.id or "")})
-        return run_record.update(record, status="running"), parent
+        parent.set_tags({"prefect.resumed_by_flow_run_id": this_flow_run})
+        return run_record.update(record, status="running", prefect_flow_run_ids=attempts), parent
     parent = start_run(mlflow_uri, EXPERIMENT, f"lifecycle-{record.name}",
-                       tags={"prefect.flow_run_id": str(flow_run.id or ""), "git.commit": record.git_commit,
+                       tags={"prefect.flow_run_id": this_flow_run, "git.commit": record.git_commit,
                              "preset": record.preset})
     parent.log_params({"preset": record.preset, **cfg.sections})
-    return run_record.update(record, mlflow_run_id=parent.run_id), parent
+    return run_record.update(record, mlflow_run_id=parent.run_id, prefect_flow_run_ids=attempts), parent
 
 
 def _lifecycle(cfg: LifecycleConfig, record: run_record.RunRecord, parent: Any) -> dict[str, Any]:

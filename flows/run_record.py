@@ -6,8 +6,8 @@
     finish(record, version="3", champion="3")              # `latest` no longer picks it
 
 The record holds what a resume must reuse rather than recompute: the preset and overrides (a resume
-runs the saved config, never a new one), the MLflow parent run it reopens, the git commit the lineage
-names. `status` is `running` while a process runs it (and stays so when that process is killed),
+runs the saved config, never a new one), the MLflow parent run it reopens, the Prefect flow runs of
+earlier attempts (a killed one's are marked Crashed), the git commit the lineage names. `status` is `running` while a process runs it (and stays so when that process is killed),
 `failed` after an error, `finished` once the lifecycle completed; every status but `finished` can be
 resumed. No prefect or mlflow import here: the command line reads records before any server starts.
 """
@@ -43,6 +43,7 @@ class RunRecord:
     overrides: list[str] = field(default_factory=list)
     git_commit: str = ""
     mlflow_run_id: str = ""
+    prefect_flow_run_ids: list[str] = field(default_factory=list)  # every attempt's lifecycle flow run
     status: str = "running"
     started_at: str = ""
     finished_at: str = ""

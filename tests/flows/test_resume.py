@@ -15,11 +15,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from uuid import UUID
 
 import psutil
 import pytest
 import torch
 from mlflow import MlflowClient
+from prefect import get_client
+from prefect.client.schemas.objects import StateType
 from safetensors.torch import load_file
 
 from flows import cli
@@ -49,6 +52,11 @@ def _weights(client: MlflowClient, version: str, dst: Path) -> dict[str, torch.T
         tensors |= load_file(f)
     assert tensors, f"no safetensors in {local}"
     return tensors
+
+
+def _flow_run_state(flow_run_id: str) -> StateType:
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(UUID(flow_run_id)).state.type
 
 
 def _child_runs(client: MlflowClient, parent_run_id: str) -> list:
@@ -104,6 +112,8 @@ def test_a_lifecycle_killed_in_pretraining_resumes_and_registers_the_uninterrupt
     run_dir = _kill_during_pretraining(runs_dir, before, tmp_path / "killed.log")
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "running" and record["overrides"] == CONFIG
+    [killed_flow_run] = record["prefect_flow_run_ids"]
+    assert _flow_run_state(killed_flow_run) == StateType.RUNNING  # what the kill leaves in the Prefect UI
     assert not (run_dir / "pretrain" / "final").exists(), "the kill came after pretraining finished"
     newest = int(latest_checkpoint(run_dir / "pretrain").name.removeprefix("step-"))
     data_files = {p: p.stat().st_mtime_ns for p in (run_dir / "collect").rglob("*") if p.is_file()}
@@ -114,7 +124,12 @@ def test_a_lifecycle_killed_in_pretraining_resumes_and_registers_the_uninterrupt
     assert "leave out --preset and the overrides" in capsys.readouterr().err
 
     assert cli.main(["run", "--resume"]) == 0  # the newest unfinished run: the killed one
-    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+    resumed_record = json.loads((run_dir / "run.json").read_text())
+    assert resumed_record["status"] == "finished"
+    assert resumed_record["prefect_flow_run_ids"][0] == killed_flow_run
+    assert len(resumed_record["prefect_flow_run_ids"]) == 2
+    assert _flow_run_state(killed_flow_run) == StateType.CRASHED  # the resume ended the abandoned runs
+    assert _flow_run_state(resumed_record["prefect_flow_run_ids"][1]) == StateType.COMPLETED
 
     parent = record["mlflow_run_id"]
     children = _child_runs(client, parent)
