@@ -37,9 +37,10 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 LOG_EVERY = 4
-# Pretraining long enough after its first checkpoint that the kill lands inside it; r1's align
+# Pretraining long enough after its first checkpoint that the kill lands inside it (the tiny test
+# model runs ~20 steps/s on 2 cores: 40 steps once finished before the kill landed); r1's align
 # stages cut to the bone (the candidate is the last of them, so all of them must run).
-CHANGES = ["pretrain.train.max_steps=40", "pretrain.train.checkpoint_every=5", f"pretrain.train.log_every={LOG_EVERY}",
+CHANGES = ["pretrain.train.max_steps=200", "pretrain.train.checkpoint_every=5", f"pretrain.train.log_every={LOG_EVERY}",
            "sft.train.max_steps=2", "dpo.train.max_steps=1", "grpo.train.max_steps=1", "rejection.max_prompts=4",
            "rejection_sft.train.max_steps=1"]
 CONFIG = [o for o in FAST if o.split("=")[0] not in {c.split("=")[0] for c in CHANGES}] + CHANGES
