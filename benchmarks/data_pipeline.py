@@ -186,15 +186,13 @@ def run_ours(work: Path, out: Path, ray_cpus: int | None, filters: str = "gopher
                     mapper=mapper)
     stage_s["collect"] = time.perf_counter() - start
     t = time.perf_counter()
-    if filters == "all":  # clean as the lifecycle runs it: language id, Gopher, C4, FineWeb, toxicity, PII
-        clean_cfg = clean.CleanConfig(input_dir=c.dataset, output_dir=out / "clean", builtin_per_source=False)
-    else:
-        clean_cfg = clean.CleanConfig(
-            input_dir=c.dataset, output_dir=out / "clean", builtin_per_source=False,
-            language=clean.LanguageConfig(enabled=False, record=False),
-            gopher_repetition=clean.GopherRepetitionConfig(**off), c4=clean.C4Config(**off),
-            fineweb=clean.FineWebConfig(**off), toxicity=clean.ToxicityConfig(**off), pii=clean.PIIConfig(**off))
-    k = clean.run(clean_cfg, mapper=mapper)
+    # "all": clean as the lifecycle runs it (language id, Gopher, C4, FineWeb, toxicity, PII)
+    gopher_only = {} if filters == "all" else dict(
+        language=clean.LanguageConfig(enabled=False, record=False), gopher_repetition=clean.GopherRepetitionConfig(**off),
+        c4=clean.C4Config(**off), fineweb=clean.FineWebConfig(**off), toxicity=clean.ToxicityConfig(**off),
+        pii=clean.PIIConfig(**off))
+    k = clean.run(clean.CleanConfig(input_dir=c.dataset, output_dir=out / "clean", builtin_per_source=False,
+                                    **gopher_only), mapper=mapper)
     stage_s["clean"] = time.perf_counter() - t
     t = time.perf_counter()
     d = dedup.run(dedup.DedupConfig(input_dir=k.dataset, output_dir=out / "dedup", shingle_size=SHINGLE,

@@ -36,11 +36,11 @@ def crash_abandoned(flow_run_ids: list[str], resumed_by: str) -> list[str]:
             children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
                 parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier)))
             frontier = [c.id for c in children if c.id not in tree]
-        in_tree = FlowRunFilter(id=FlowRunFilterId(any_=sorted(tree)))
-        tasks = client.read_task_runs(flow_run_filter=in_tree, task_run_filter=TaskRunFilter(
+        in_tree = FlowRunFilterId(any_=sorted(tree))
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=in_tree), task_run_filter=TaskRunFilter(
             state=TaskRunFilterState(type=TaskRunFilterStateType(any_=UNFINISHED))))
         flows = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            id=FlowRunFilterId(any_=sorted(tree)), state=FlowRunFilterState(type=FlowRunFilterStateType(any_=UNFINISHED))))
+            id=in_tree, state=FlowRunFilterState(type=FlowRunFilterStateType(any_=UNFINISHED))))
         for task in tasks:
             client.set_task_run_state(task.id, Crashed(message=message), force=True)
         for run in flows:

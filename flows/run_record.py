@@ -7,9 +7,10 @@
 
 The record holds what a resume must reuse rather than recompute: the preset and overrides (a resume
 runs the saved config, never a new one), the MLflow parent run it reopens, the Prefect flow runs of
-earlier attempts (a killed one's are marked Crashed), the git commit the lineage names. `status` is `running` while a process runs it (and stays so when that process is killed),
-`failed` after an error, `finished` once the lifecycle completed; every status but `finished` can be
-resumed. No prefect or mlflow import here: the command line reads records before any server starts.
+earlier attempts (a killed one's are marked Crashed), the git commit the lineage names. `status` is
+`running` while a process runs it (and stays so when that process is killed), `failed` after an
+error, `finished` once the lifecycle completed; every status but `finished` can be resumed. No
+prefect or mlflow import here: the command line reads records before any server starts.
 """
 
 from __future__ import annotations
