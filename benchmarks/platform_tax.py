@@ -139,9 +139,10 @@ def platform_run(w: Workload, steps: int, work: Path, workers: int, tracking_uri
 def worker_threads() -> dict[str, str]:
     """torch threads inside a plain Ray actor holding 1 and 2 CPUs, in the executor's runtime env.
 
-    Ray sets OMP_NUM_THREADS to the actor's CPUs, but the worker-setup hook has imported torch
-    before that, so torch keeps one thread per core: 2 workers x 2 threads oversubscribe 2 cores.
-    That is why `infra.ray_executor._worker` calls `torch.set_num_threads(cpus_per_worker)`.
+    Ray sets OMP_NUM_THREADS to the actor's CPUs; torch follows it when it is first imported after
+    that. Until the worker-setup hook moved to `infra.ray_setup` it imported torch first, and a 1-CPU
+    actor kept 2 threads (2 workers x 2 threads oversubscribe 2 cores); `infra.ray_executor._worker`
+    still calls `torch.set_num_threads(cpus_per_worker)`, for workers that import torch earlier.
     """
     import ray
 
@@ -205,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset of " + ", ".join(KINDS))
     ap.add_argument("--log-every", type=int, default=0, help="logged window length in steps (0: the preset's)")
     ap.add_argument("--checkpoint-every", type=int, default=0, help="0: the preset's")
+    ap.add_argument("--result-name", default="platform_tax", help="benchmarks/results/<name>.json")
     args = ap.parse_args(argv)
     if args.log_every:
         OVERRIDES["log_every"] = args.log_every
@@ -222,6 +224,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     runs_dir = root / "runs"
     shutil.rmtree(runs_dir, ignore_errors=True)
+    shutil.rmtree(settings.ray_storage, ignore_errors=True)  # else Ray Train reloads an earlier run's snapshot
 
     t0 = time.perf_counter()
     ensure_ray(settings)
@@ -243,12 +246,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 log.info("repeat %d %s: median %.0f tok/s, aggregate %.0f tok/s, wall %.1f s", r, kind,
                          res["median_tokens_per_s"], res["aggregate_tokens_per_s"], res["wall_s"])
                 shutil.rmtree(work, ignore_errors=True)
-                path = write_results("platform_tax", _payload(args, argv, w, ray_start_s, threads, runs))
+                path = write_results(args.result_name, _payload(args, argv, w, ray_start_s, threads, runs))
     finally:
         shutdown()
 
     payload = _payload(args, argv, w, ray_start_s, threads, runs)
-    path = write_results("platform_tax", payload)
+    path = write_results(args.result_name, payload)
     print()
     print(table(payload["summary"]))
     print(f"\nRay start (once, not in the wall times): {ray_start_s:.1f} s; torch threads in a plain Ray actor "

@@ -98,7 +98,7 @@ def ensure_ray(settings: Settings | None = None, num_cpus: int | None = None) ->
     for k, v in OFFLINE_ENV.items():
         os.environ.setdefault(k, v)
     runtime_env = {"env_vars": {k: os.environ[k] for k in OFFLINE_ENV} | _passthrough_env(),
-                   "worker_process_setup_hook": "infra.ray_executor.quiet_worker_logs"}
+                   "worker_process_setup_hook": "infra.ray_setup.quiet_worker_logs"}
     if s.ray_address:
         ray.init(address=s.ray_address, runtime_env=runtime_env, log_to_driver=True)
     else:
@@ -114,14 +114,6 @@ def _passthrough_env() -> dict[str, str]:
     return {k: os.environ[k] for k in keys if k in os.environ}
 
 
-def quiet_worker_logs() -> None:
-    """Runs in every Ray worker process at start-up (runtime_env worker_process_setup_hook)."""
-    # Without the dashboard there is no State API, and Ray Train's placement-group cleaner warns
-    # about that every second; the cleanup it guards still happens on controller exit.
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-
 def shutdown() -> None:
     if ray.is_initialized():
         ray.shutdown()
@@ -130,8 +122,8 @@ def shutdown() -> None:
 def _worker(config: dict[str, Any]) -> None:
     """Runs inside every Ray Train worker: the stage's own `run`, unchanged, then the hand-back."""
     if not torch.cuda.is_available():
-        # Ray does not cap intra-op threads: two workers with torch's default of one thread per core
-        # each would oversubscribe the cores they share.
+        # Ray's OMP_NUM_THREADS reaches torch only if nothing imported torch before it was set: two
+        # workers with torch's default of one thread per core would oversubscribe the cores they share.
         torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
     module = importlib.import_module(f"stages.{config['stage']}")
     started = time.perf_counter()
