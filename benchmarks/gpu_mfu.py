@@ -8,7 +8,7 @@ fused AdamW. The platform loop adds what the platform adds (scheduler, clipping,
 a final checkpoint). Tokens are random ids: throughput does not depend on what the tokens say, and
 no data or tokenizer is needed. Steps after `--warmup` are timed; the ratio is platform / bare.
 On CPU (no bf16, compile off by default) it runs the same code paths in fp32, so the script is tested
-without a GPU (tests/benchmarks/test_gpu_mfu.py) and a GPU session spends its time measuring.
+without a GPU (tests/benchmarks/test_gpu_scripts.py) and a GPU session spends its time measuring.
 MFU's denominator is `train_loop.peak_flops`: the data-sheet bf16 peak on CUDA, a measured matmul
 peak on CPU.
 """
@@ -34,7 +34,17 @@ from stages.config import from_dict, load_preset  # noqa: E402
 from stages.model import ModelConfig, build_model, count_parameters  # noqa: E402
 from stages.tokenizer import train_tokenizer  # noqa: E402
 from stages.tracking import RecordingTracker  # noqa: E402
-from stages.train_loop import TrainConfig, peak_flops, train  # noqa: E402
+from stages.train_loop import TrainConfig, peak_flops, pick_device, train  # noqa: E402
+
+
+def preset_shape(name: str) -> dict[str, int]:
+    """What a side-by-side builds at, for every contender alike: depth, width, head size, sequence
+    length and vocabulary of a preset."""
+    preset = load_preset(name)
+    m = from_dict(ModelConfig, preset["model"])
+    return {"depth": m.num_layers, "hidden": m.hidden_size, "head_dim": m.hidden_size // m.num_heads,
+            "seq_len": preset.get("pretrain", {}).get("seq_len", m.max_seq_len),
+            "vocab": preset.get("tokenizer", {}).get("vocab_size", 32768)}
 
 
 def flops_per_token(model, cfg: ModelConfig, seq_len: int) -> float:
@@ -75,14 +85,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="auto: on with CUDA")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = pick_device() if args.device == "auto" else torch.device(args.device)
     compile_model = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
 
-    preset = load_preset(args.preset)
-    mcfg = from_dict(ModelConfig, preset["model"])
-    seq_len = preset.get("pretrain", {}).get("seq_len", 1024)
-    vocab = preset.get("tokenizer", {}).get("vocab_size", 32768)
+    mcfg = from_dict(ModelConfig, load_preset(args.preset)["model"])
+    shape = preset_shape(args.preset)
+    seq_len, vocab = shape["seq_len"], shape["vocab"]
     # A tokenizer only fixes the vocabulary size here; train one on a tiny text so no file is read.
     tok = train_tokenizer([" ".join(f"w{i}" for i in range(vocab))] * 2, vocab_size=vocab, min_frequency=1)
     gen = torch.Generator().manual_seed(0)

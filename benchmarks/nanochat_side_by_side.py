@@ -34,21 +34,15 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # runnable as a plain script from the repository root, installed or not
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.gpu_mfu import preset_shape  # noqa: E402  (the same shape on both sides, by construction)
+
 HOME = REPO / ".nanochat"  # git-ignored; travels to the device machine with carry=[".nanochat"]
 TEXT = REPO.parent / "shared" / "datasets" / "tinyshakespeare" / "input.txt"
 STEP_LINE = re.compile(r"step (\d+)/\d+ .*?tok/sec: ([\d,]+) \| bf16_mfu: ([\d.]+)")
 WANDB_STUB = '"""Stand-in for wandb, which nanochat imports and, with --run=dummy, never calls."""\n\n\ndef init(*args, **kwargs):\n    raise RuntimeError("wandb is not installed here: run nanochat with --run=dummy")\n'
-
-
-def preset_shape(preset: str) -> dict[str, int]:
-    sys.path.insert(0, str(REPO))
-    from stages.config import load_preset
-
-    p = load_preset(preset)
-    m = p["model"]
-    return {"depth": m["num_layers"], "hidden": m["hidden_size"], "head_dim": m["hidden_size"] // m["num_heads"],
-            "seq_len": p.get("pretrain", {}).get("seq_len", m["max_seq_len"]),
-            "vocab": p.get("tokenizer", {}).get("vocab_size", 32768)}
 
 
 def prepare(nanochat: Path, preset: str, text: Path) -> None:
